@@ -1,0 +1,41 @@
+# Two commands set up everything on a fresh machine:
+#   make test                      # venv + install + test suite
+#   make repro SOURCE=path/or/url  # venv + install + dvc repro (SOURCE is optional)
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SOURCE ?=
+# ImageNet weights are looked up in Keras's cache; point it at the offline copy when there is one.
+KERAS_HOME ?= $(if $(wildcard ../shared/keras/models),$(abspath ../shared/keras),$(HOME)/.keras)
+export KERAS_HOME
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONHASHSEED ?= 0
+
+.PHONY: test repro install bench clean-venv
+
+test: $(STAMP)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# SOURCE=... goes through `dvc exp run -S fetch.source=...`: params.yaml gets the new source,
+# dvc.lock records it, and the run is kept as a DVC experiment you can compare or drop.
+repro: $(STAMP)
+ifneq ($(strip $(SOURCE)),)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc exp run -S 'fetch.source="$(SOURCE)"' $(DVC_ARGS)
+else
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(DVC_ARGS)
+endif
+
+bench: $(STAMP)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/run.py $(BENCH_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,94 @@
+"""The preprocessed image cache: write it once, read it as arrays or `tf.data` pipelines.
+
+Layout, one folder per input size (written by stages/preprocess.py):
+
+    data/processed/<size>/<split>.npy   uint8 (N, size, size, 1) grayscale, memory-mappable
+    data/processed/<size>/<split>.csv   the manifest rows in the same order (path,label,...)
+
+`split` is train, val or test. Labels are 1 for PNEUMONIA, 0 for NORMAL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cxr.errors import CxrError
+from cxr.io import atomic_file, atomic_path
+
+SPLITS = ("train", "val", "test")
+POSITIVE = "PNEUMONIA"
+
+
+@dataclass
+class CachedSplit:
+    """One split at one size: images, labels and the manifest rows they came from."""
+
+    x: np.ndarray  # uint8 (N, S, S, 1)
+    y: np.ndarray  # int32 (N,), 1 = pneumonia
+    rows: pd.DataFrame
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+def labels_of(rows: pd.DataFrame) -> np.ndarray:
+    return (rows["label"].to_numpy() == POSITIVE).astype(np.int32)
+
+
+def write_split(folder: Path | str, split: str, x: np.ndarray, rows: pd.DataFrame) -> None:
+    """Write one split's images and rows (atomically, each file whole or absent)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 1 or len(x) != len(rows):
+        raise ValueError(f"expected uint8 (N,S,S,1) images matching {len(rows)} rows, got {x.dtype} {x.shape}")
+    folder = Path(folder)
+    with atomic_path(folder / f"{split}.npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, x)
+    with atomic_file(folder / f"{split}.csv") as fh:
+        rows.to_csv(fh, index=False)
+
+
+def load_split(folder: Path | str, split: str, mmap: bool = True) -> CachedSplit:
+    """Read one split of the cache; a clear error if preprocess has not produced it."""
+    folder = Path(folder)
+    npy, csv = folder / f"{split}.npy", folder / f"{split}.csv"
+    if not npy.exists() or not csv.exists():
+        raise CxrError(f"no preprocessed '{split}' split in {folder}; run `dvc repro preprocess` first")
+    x = np.load(npy, mmap_mode="r" if mmap else None)
+    rows = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    if len(rows) != len(x):
+        raise CxrError(f"{npy} holds {len(x)} images but {csv} lists {len(rows)}; rerun `dvc repro preprocess`")
+    return CachedSplit(x=x, y=labels_of(rows), rows=rows)
+
+
+def cache_dir(root: Path | str, size: int) -> Path:
+    return Path(root) / str(size)
+
+
+def make_dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, shuffle: bool = False, seed: int = 0, repeat: bool = False):
+    """A `tf.data` pipeline of float32 pixels in [0, 255] (models rescale themselves).
+
+    Shuffling is seeded and reshuffles each epoch deterministically; batches are prefetched.
+    """
+    import tensorflow as tf
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    x = np.asarray(x)
+    ds = tf.data.Dataset.from_tensor_slices((x, y) if y is not None else x)
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def to_float(*item):
+        if len(item) == 2:
+            return tf.cast(item[0], tf.float32), tf.cast(item[1], tf.float32)
+        return tf.cast(item[0], tf.float32)
+
+    return ds.batch(batch_size).map(to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)

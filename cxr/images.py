@@ -1,0 +1,120 @@
+"""THE image path: decode → orient → grayscale → resize. Preprocess, evaluation and
+`cxr predict` all call `load_resized`, so a file gives the same pixels everywhere.
+
+    python -m cxr.images FILE SIZE     # print the shape and mean of the cached array for FILE
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cxr.errors import CxrError, run_main
+
+RESIZE_MODES = ("squash", "pad")
+# Pillow refuses images above ~179 MP by default; a real chest X-ray is under 10 MP.
+MAX_PIXELS = 50_000_000
+MIN_SIDE = 8
+# Large JPEGs decode at a reduced DCT scale whose sides stay ≥ this. It is a constant, not the
+# caller's size, so preprocess (all sizes at once) and `cxr predict` (one size) get the same pixels.
+DRAFT_MIN_SIDE = 256
+
+
+class ImageError(CxrError):
+    """An image that cannot be used; the message names the file and why."""
+
+
+def open_image(path: Path | str, draft_size: int | None = None) -> Image.Image:
+    """Decode one file into an 8-bit grayscale ('L') image, upright per its EXIF orientation.
+
+    Handles JPEG (grayscale, RGB, CMYK), PNG (palette, RGBA, 16-bit) and what else Pillow reads.
+    `draft_size` lets a large JPEG decode at a reduced scale (≥ that size): 3–5× faster.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"{path}: {img.width}x{img.height} is over {MAX_PIXELS:,} pixels; downscale it first")
+            if draft_size and img.format == "JPEG":
+                # draft keeps both sides ≥ the request; the resize below does the rest.
+                img.draft("L", (draft_size, draft_size))
+            img.load()
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: too many pixels (decompression-bomb guard); downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = "empty file" if path.exists() and path.stat().st_size == 0 else " ".join(str(exc).split())
+        raise ImageError(f"{path}: cannot decode image ({reason})") from None
+    if min(img.size) < MIN_SIDE:
+        raise ImageError(f"{path}: {img.width}x{img.height} is too small to be an X-ray (min side {MIN_SIDE} px)")
+    img = ImageOps.exif_transpose(img)
+    return to_grayscale(img)
+
+
+def to_grayscale(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit 'L'. 16-bit images are scaled by their own range, not clipped."""
+    if img.mode == "L":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent parts become black, like the film background.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(bg, rgba).convert("L")
+    return img.convert("RGB").convert("L") if img.mode in ("CMYK", "YCbCr", "P", "1") else img.convert("L")
+
+
+def resize(img: Image.Image, size: int, mode: str = "squash") -> np.ndarray:
+    """Grayscale image → uint8 array (size, size, 1). squash: stretch; pad: keep aspect, black bars."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if mode == "squash":
+        out = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    else:
+        scale = size / max(img.size)
+        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        inner = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        out = Image.new("L", (size, size), 0)
+        out.paste(inner, ((size - w) // 2, (size - h) // 2))
+    return np.asarray(out, dtype=np.uint8)[:, :, None]
+
+
+def load_resized(path: Path | str, sizes: list[int] | tuple[int, ...], mode: str = "squash") -> dict[int, np.ndarray]:
+    """Decode `path` once and return {size: uint8 (size, size, 1)} for every requested size."""
+    if not sizes:
+        raise ValueError("need at least one size")
+    img = open_image(path, draft_size=max(DRAFT_MIN_SIDE, *sizes))
+    return {s: resize(img, s, mode) for s in sizes}
+
+
+def load_batch(paths: list[Path | str], size: int, mode: str = "squash") -> np.ndarray:
+    """Several files at one size, stacked (N, size, size, 1); raises on the first bad file."""
+    return np.stack([load_resized(p, [size], mode)[size] for p in paths]) if paths else np.zeros((0, size, size, 1), np.uint8)
+
+
+def main() -> int:
+    if len(sys.argv) != 3:
+        print(__doc__)
+        return 2
+    arr = load_resized(sys.argv[1], [int(sys.argv[2])])[int(sys.argv[2])]
+    print(arr.shape, arr.dtype, float(arr.mean()))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
