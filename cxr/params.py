@@ -25,6 +25,10 @@ OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
 SPLIT_STRATEGIES = ("patient_grouped", "seed")
 RESIZE_MODES = ("squash", "pad")
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
+# Knobs a builder reads beyond the common variant keys (see cxr/models.py).
+MODEL_EXTRAS = {
+    "modern": {"alpha", "dropout", "trainable_from", "weight_decay", "label_smoothing", "augment_strength", "warmup_fraction"},
+}
 # Smallest input each backbone accepts without pooling to nothing (Keras's own checks).
 MIN_BACKBONE_SIZE = {"vgg19": 32, "vgg16": 32, "mobilenet_v2": 32, "mobilenet": 32, "densenet121": 32}
 
@@ -200,6 +204,9 @@ def parse(raw: dict[str, Any]) -> Params:
         _check(isinstance(values, dict), key, "must be a mapping")
         known = {k: v for k, v in values.items() if k in fields}
         extra = {k: v for k, v in values.items() if k not in fields}
+        allowed = MODEL_EXTRAS.get(values.get("model"), set())
+        if set(extra) - allowed:
+            raise CxrError(f"params.yaml {key}: unknown key(s) {', '.join(sorted(set(extra) - allowed))}; known: {', '.join(sorted(fields | allowed))}")
         v = _build(VariantParams, key, known, name=name, extra=extra)
         _choice(v.model, f"{key}.model", MODELS)
         _positive_int(v.image_size, f"{key}.image_size")

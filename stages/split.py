@@ -1,0 +1,80 @@
+"""Stage `split`: the manifest of usable images with train/val/test, and the data audit.
+
+    python stages/split.py        # (dvc repro split) data/raw → data/split/{manifest.csv,audit.json}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from multiprocessing import Pool
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from cxr import dataset, params as cxr_params
+from cxr.errors import run_main
+from cxr.images import DRAFT_MIN_SIDE, ImageError, open_image
+from cxr.io import atomic_file, write_json
+
+RAW = Path("data/raw")
+OUT = Path("data/split")
+
+
+def check_image(path: str) -> str | None:
+    """None if the image decodes (as preprocess will decode it), else the reason."""
+    try:
+        open_image(path, draft_size=DRAFT_MIN_SIDE)
+        return None
+    except ImageError as exc:
+        return str(exc)
+
+
+def sha256s(rows: pd.DataFrame) -> list[str]:
+    """Hashes recorded by fetch (data/raw/sha256.csv), computed for files it did not list."""
+    known: dict[str, str] = {}
+    listed = RAW / "sha256.csv"
+    if listed.exists():
+        table = pd.read_csv(listed, dtype=str)
+        known = {(RAW / p).as_posix(): h for p, h in zip(table["path"], table["sha256"])}
+    return [known.get(p) or hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in rows["path"]]
+
+
+def main() -> int:
+    params = cxr_params.load()
+    images = dataset.scan(RAW / "chest_xray")
+    images["sha256"] = sha256s(images)
+    with Pool(params.preprocess.workers) as pool:
+        reasons = list(tqdm(pool.imap(check_image, images["path"], chunksize=32), total=len(images), desc="verify", unit="img"))
+    images["reason"] = reasons
+    bad = images[images["reason"].notna()]
+    usable = images[images["reason"].isna()]
+
+    manifest, removed = dataset.make_manifest(usable, params.split.strategy, params.split.val_fraction, params.seed)
+    dataset.check_manifest(manifest)
+    audit = {
+        "strategy": params.split.strategy,
+        "val_fraction": params.split.val_fraction if params.split.strategy == "patient_grouped" else None,
+        "seed": params.seed,
+        "counts": dataset.counts(manifest),
+        "images_found": len(images),
+        "excluded": [{"path": p, "reason": r} for p, r in zip(bad["path"], bad["reason"])],
+        "unparsed_names": int((~images["parsed"]).sum()),
+        "duplicates": dataset.duplicate_audit(usable),
+        **removed,
+        # Official train and test were numbered independently; a shared id may or may not be
+        # the same child. Listed so that nobody assumes a patient-disjoint official split.
+        "patient_ids_in_official_train_and_test": int(len(
+            set(usable.loc[usable["split"] == "train", "patient_id"]) & set(usable.loc[usable["split"] == "test", "patient_id"]))),
+    }
+    with atomic_file(OUT / "manifest.csv") as fh:
+        manifest.to_csv(fh, index=False)
+    write_json(OUT / "audit.json", audit)
+    c = audit["counts"]
+    print(f"split ({params.split.strategy}): " + ", ".join(f"{s} {c[s]['images']} ({c[s]['patients']} patients)" for s in ("train", "val", "test"))
+          + f"; excluded {len(bad)}; duplicate groups {audit['duplicates']['groups']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,43 @@
+"""dvc.yaml and params.yaml agree: the lists dvc.yaml must spell out cover every variant."""
+
+from __future__ import annotations
+
+import yaml
+
+
+def load(root, name):
+    return yaml.safe_load((root / name).read_text())
+
+
+def test_preprocess_depends_on_every_variant_size(project_root):
+    variants = load(project_root, "params.yaml")["variants"]
+    listed = load(project_root, "dvc.yaml")["stages"]["preprocess"]["params"]
+    for name in variants:
+        assert f"variants.{name}.image_size" in listed, f"add variants.{name}.image_size to preprocess params in dvc.yaml"
+
+
+def test_report_depends_on_every_variant(project_root):
+    variants = load(project_root, "params.yaml")["variants"]
+    deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
+    for name in variants:
+        for path in (f"metrics/{name}.json", f"models/{name}.json", f"models/{name}.keras", f"plots/{name}/predictions.csv"):
+            assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
+
+
+def test_every_variant_names_existing_files_and_sections(project_root):
+    params = load(project_root, "params.yaml")
+    for name, v in params["variants"].items():
+        assert v["shared"] in params, name
+        init = v["init_from"]
+        assert (project_root / init).exists() or init.startswith("models/"), f"{name}: init_from {init}"
+        if init.startswith("models/"):
+            assert init[len("models/"):-len(".keras")] in params["variants"], f"{name} starts from an unknown variant"
+
+
+def test_stage_scripts_exist(project_root):
+    stages = load(project_root, "dvc.yaml")["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        script = body["cmd"].split()[1]
+        assert (project_root / script).exists(), f"stage {name}: {script} is missing"
+        assert script in body["deps"], f"stage {name} must list its own script as a dependency"
