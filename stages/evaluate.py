@@ -1,0 +1,55 @@
+"""Stage `evaluate@<variant>`: test-set metrics at the validation threshold, with patient-level CIs.
+
+    python stages/evaluate.py VARIANT     # (dvc repro evaluate@VARIANT) → metrics/VARIANT.json, plots/VARIANT/*.csv
+
+The decision threshold and the validation AUC come from the model's sidecar (chosen on
+validation); the test set only reports.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cxr import params as cxr_params
+from cxr.cache import cache_dir, load_split
+from cxr.errors import CxrError, run_main
+from cxr.inference import load_model, predict_arrays
+from cxr.io import atomic_file, write_json
+from cxr.metrics import evaluate_probabilities
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        raise ValueError("usage: python stages/evaluate.py VARIANT (a name under params.yaml variants)")
+    name = sys.argv[1]
+    params = cxr_params.load()
+    params.variant(name)  # unknown name → a clear error listing the known ones
+    loaded = load_model(Path("models") / f"{name}.keras")
+    test = load_split(cache_dir("data/processed", loaded.image_size), "test")
+    if len(test) == 0:
+        raise CxrError("the preprocessed test split is empty; rerun `dvc repro split preprocess`")
+    val = loaded.meta.get("val") or {}
+    result = evaluate_probabilities(
+        test.y,
+        predict_arrays(loaded.model, test.x),
+        test.rows,
+        loaded.threshold,
+        val_roc_auc=val.get("roc_auc"),
+        bootstrap_samples=params.evaluate.bootstrap_samples,
+        calibration_bins=params.evaluate.calibration_bins,
+        seed=params.seed,
+    )
+    # Everything is computed before anything is written: an error leaves the old outputs whole.
+    for table, frame in result.tables.items():
+        with atomic_file(Path("plots") / name / f"{table}.csv") as fh:
+            frame.to_csv(fh, index=False)
+    write_json(Path("metrics") / f"{name}.json", result.metrics)
+    m = result.metrics
+    shown = " ".join(f"{k}={m[k]:.3f}" for k in ("threshold", "accuracy", "sensitivity", "specificity", "roc_auc") if m[k] is not None)
+    print(f"evaluate@{name}: n={m['n_test']} {shown}; roc_auc 95% CI {m['ci95']['roc_auc']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,45 @@
+"""Stage `report`: compare all variants, pick the best by validation AUC, write the HTML report.
+
+    python stages/report.py       # (dvc repro report) → metrics/summary.json, plots/report.html, plots/figures/*.png
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from cxr import params as cxr_params, report
+from cxr.errors import run_main
+from cxr.io import atomic_dir, atomic_file, write_json
+
+FIGURES = Path("plots/figures")
+
+
+def main() -> int:
+    params = cxr_params.load()
+    results = {name: report.load_result(name) for name in params.variants}
+    summary = report.build_summary(results)
+    best = summary["best"]
+    curves = {name: report.read_training_curves(Path("dvclive") / name) for name in params.variants}
+    # Figures go to a temporary folder that replaces plots/figures only when everything succeeded.
+    with atomic_dir(FIGURES) as tmp:
+        figures, notes = report.make_figures(results, curves, tmp)
+        skipped = report.make_gradcam(best, results[best].predictions, params.report.gradcam_per_outcome, tmp / "gradcam_grid.png")
+        if skipped is None:
+            figures[f"Grad-CAM of {best}: most confident TP / FP / TN / FN test images"] = tmp / "gradcam_grid.png"
+        else:
+            notes.append(skipped)
+            print(f"report: {skipped}", file=sys.stderr)
+        page = report.render_html(report.ReportInputs(
+            summary=summary, results=results, audit=report.read_audit(Path("data/split/audit.json")),
+            split_strategy=params.split.strategy, val_fraction=params.split.val_fraction, figures=figures,
+            notes=notes, commit=report.git_commit(), machine=report.machine(), source=params.fetch.source))
+        with atomic_file(Path("plots/report.html")) as fh:
+            fh.write(page)
+        write_json(Path("metrics/summary.json"), summary)
+    print(f"report: best = {best} (validation roc_auc {summary['variants'][best]['val_roc_auc']:.4f}); plots/report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

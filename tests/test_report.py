@@ -1,0 +1,268 @@
+"""cxr.report (selection, figures, HTML) and the evaluate/report stages on a tiny fake project."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cxr import metrics, report
+from cxr.errors import CxrError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 60, seed: int = 0) -> report.VariantResult:
+    """A variant whose test scores separate the classes by `test_quality` (negative: inverted)."""
+    rng = np.random.default_rng(seed)
+    y = np.array([0, 1, 1] * (n // 3))
+    p = np.clip(0.5 + test_quality * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+    rows = pd.DataFrame({"path": [f"data/raw/chest_xray/test/x{i:03d}.jpeg" for i in range(n)],
+                         "subtype": np.where(y == 1, np.where(np.arange(n) % 2, "bacteria", "virus"), "normal"),
+                         "patient_id": [f"p{i // 2}" for i in range(n)]})
+    ev = metrics.evaluate_probabilities(y, p, rows, 0.5, val_roc_auc=val_auc, bootstrap_samples=30, calibration_bins=5, seed=1)
+    sidecar = {"variant": name, "model": "cnn", "image_size": 8, "threshold": 0.5,
+               "val": {"roc_auc": val_auc}, "train_seconds": 12.5, "epochs_run": 3}
+    return report.VariantResult(name, ev.metrics, sidecar, ev.tables["predictions"])
+
+
+AUDIT = {
+    "strategy": "patient_grouped",
+    "counts": {
+        "train": {"images": 100, "patients": 50, "by_label": {"NORMAL": 26, "PNEUMONIA": 74},
+                  "by_subtype": {"NORMAL/normal": 26, "PNEUMONIA/bacteria": 50, "PNEUMONIA/virus": 24}},
+        "val": {"images": 12, "patients": 6, "by_label": {"NORMAL": 4, "PNEUMONIA": 8}, "by_subtype": {}},
+        "test": {"images": 48, "patients": 24, "by_label": {"NORMAL": 18, "PNEUMONIA": 30}, "by_subtype": {}},
+    },
+    "excluded": [{"path": "data/raw/bad.jpeg", "reason": "truncated"}],
+    "duplicates": {"groups": 2, "groups_across_train_test": 1},
+}
+
+
+def test_best_is_chosen_by_validation_auc_not_test():
+    results = {"good_on_test": fake_result("good_on_test", 0.80, 0.6), "good_on_val": fake_result("good_on_val", 0.95, 0.1, seed=1)}
+    assert results["good_on_test"].metrics["roc_auc"] > results["good_on_val"].metrics["roc_auc"]
+    summary = report.build_summary(results)
+    assert summary["best"] == "good_on_val"
+    assert summary["selected_by"] == "validation roc_auc"
+    v = summary["variants"]["good_on_test"]
+    assert v["val_roc_auc"] == 0.80 and v["train_seconds"] == 12.5 and v["epochs_run"] == 3
+    assert v["roc_auc"] == results["good_on_test"].metrics["roc_auc"]
+    assert set(v["ci95"]) == {"accuracy", "sensitivity", "specificity", "roc_auc"}
+    json.dumps(summary, allow_nan=False)
+
+
+def test_pick_best_ties_and_missing():
+    assert report.pick_best({"b": 0.9, "a": 0.9, "c": 0.5}) == "a"
+    assert report.pick_best({"b": 0.9, "a": None}) == "b"
+    with pytest.raises(CxrError, match="validation roc_auc"):
+        report.pick_best({"a": None})
+
+
+def test_load_result_names_the_missing_file(tmp_path):
+    with pytest.raises(CxrError, match=r"metrics/alpha\.json not found.*evaluate@alpha"):
+        report.load_result("alpha", tmp_path)
+
+
+def test_gradcam_examples_are_the_most_confident_per_outcome():
+    pred = pd.DataFrame({
+        "path": [f"f{i}" for i in range(8)],
+        "probability": [0.95, 0.7, 0.95, 0.6, 0.1, 0.3, 0.2, 0.05],
+        "actual": ["PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"],
+        "predicted": ["PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL", "NORMAL"],
+    })
+    picked = report.gradcam_examples(pred, 2)
+    assert list(zip(picked["outcome"], picked["path"])) == [
+        ("TP", "f0"), ("TP", "f2"), ("FP", "f3"), ("TN", "f4"), ("TN", "f5"), ("FN", "f7"), ("FN", "f6")]
+    assert report.gradcam_examples(pred.iloc[::-1], 2)["path"].tolist() == picked["path"].tolist()
+
+
+def test_read_training_curves(tmp_path):
+    base = tmp_path / "plots" / "metrics"
+    (base / "train").mkdir(parents=True)
+    (base / "eval").mkdir()
+    (base / "train" / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t0.9\n2\t1\t0.5\n")
+    (base / "eval" / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t1.0\n2\t1\t0.7\n")
+    curves = report.read_training_curves(tmp_path)
+    assert sorted(curves) == ["eval/loss", "train/loss"]
+    assert curves["train/loss"]["value"].tolist() == [0.9, 0.5]
+    assert report.read_training_curves(tmp_path / "absent") == {}
+    assert report.plot_training_curves({"v": curves}, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
+    assert not report.plot_training_curves({"v": {}}, tmp_path / "none.png")
+
+
+def _check_page(page: str) -> None:
+    assert "<table class=results>" in page
+    assert "research and teaching, not for diagnostic use" in page
+    assert "10.17632/rscbjbr9sj" in page and "CC BY 4.0" in page
+    assert "Guangzhou Women and Children" in page and "aged 1–5" in page
+    assert len(re.findall(r"src='data:image/png;base64,[A-Za-z0-9+/=]{100,}'", page)) >= 3
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<link" not in page and "<script" not in page
+
+
+def test_html_is_self_contained_and_escaped(tmp_path):
+    results = {"a<b>": fake_result("a<b>", 0.9, 0.5), "plain": fake_result("plain", 0.7, 0.6, seed=2)}
+    summary = report.build_summary(results)
+    figures, notes = report.make_figures(results, {}, tmp_path)
+    assert {p.name for p in figures.values()} == {"roc_all.png", "comparison.png", "confusion_matrices.png"}
+    assert notes and "training curves" in notes[0]
+    page = report.render_html(report.ReportInputs(
+        summary, results, AUDIT, "patient_grouped", 0.1, figures, notes + ["<i>note</i>"], "abc1234", report.machine()))
+    _check_page(page)
+    assert "a&lt;b&gt;" in page and "a<b>" not in page and "&lt;i&gt;note" in page
+    assert "abc1234" in page and f"{os.cpu_count()} CPU cores" in page
+    # this run's class mix (audit), not the published one
+    assert "62.5% pneumonia vs 74.0% in training" in page
+    assert "1 excluded as unreadable" in page
+    assert "highest validation AUC" in page and "does not change the choice" in page  # plain wins on test
+
+
+def test_html_without_audit_says_so(tmp_path):
+    results = {"a": fake_result("a", 0.9, 0.5)}
+    page = report.render_html(report.ReportInputs(report.build_summary(results), results, report.read_audit(tmp_path / "no.json"),
+                                                  "seed", 0.1, {}, [], "unknown", "m"))
+    assert "No data audit found" in page and "seed notebook" in page
+    assert "62.5% pneumonia vs 74.0% in training" in page and "published figures" in page
+
+
+# ------------------------------------------------------------------- stages on a fake project
+
+PARAMS = {
+    "base": {"seed": 42},
+    "fetch": {"source": "unused"},
+    "split": {"strategy": "patient_grouped", "val_fraction": 0.1},
+    "preprocess": {"resize": "squash", "workers": 1},
+    "train": {"patience": 2, "threshold_rule": "youden"},
+    "transfer": {"backbone": "mobilenet_v2", "alpha": 0.35, "weights": "none"},
+    "variants": {
+        name: {"model": "cnn", "image_size": 8, "epochs": 1, "batch_size": 8, "optimizer": "rmsprop", "learning_rate": 0.001}
+        for name in ("alpha", "beta")
+    },
+    "evaluate": {"bootstrap_samples": 40, "calibration_bins": 5},
+    "report": {"gradcam_per_outcome": 1},
+}
+# alpha ranks test images well but had the lower validation AUC; beta is inverted on test.
+VAL_AUC = {"alpha": 0.70, "beta": 0.95}
+SLOPE = {"alpha": 20.0, "beta": -20.0}
+
+
+def run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def tiny_model(slope: float):
+    """P(pneumonia) = sigmoid(slope · (mean brightness − 0.45)) through a 1×1 conv (for Grad-CAM)."""
+    import keras
+
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Rescaling(1 / 255)(inp)
+    x = keras.layers.Conv2D(1, 1, name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(1, activation="sigmoid", name="head")(x)
+    model = keras.Model(inp, out)
+    model.get_layer("conv").set_weights([np.ones((1, 1, 1, 1), "float32"), np.zeros(1, "float32")])
+    model.get_layer("head").set_weights([np.array([[slope]], "float32"), np.array([-0.45 * slope], "float32")])
+    return model
+
+
+def make_project(root: Path) -> None:
+    """params.yaml, a 48-image test cache (2 images per patient), two tiny models, audit, one DVCLive log."""
+    from cxr.cache import write_split
+
+    (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    rng = np.random.default_rng(0)
+    subtypes = ["normal"] * 18 + ["bacteria"] * 16 + ["virus"] * 14
+    y = np.array([s != "normal" for s in subtypes])
+    # per-image brightness varies as much as the class effect, so the classes overlap (AUC < 1)
+    offset = rng.normal(40 * y, 20)[:, None, None, None]
+    x = np.clip(rng.normal(95, 25, (48, 8, 8, 1)) + offset, 0, 255).astype(np.uint8)
+    rows = pd.DataFrame({
+        "path": [f"data/raw/chest_xray/test/{'PNEUMONIA' if t else 'NORMAL'}/im{i:03d}.jpeg" for i, t in enumerate(y)],
+        "label": np.where(y, "PNEUMONIA", "NORMAL"), "subtype": subtypes,
+        "patient_id": [f"pt{i // 2}" for i in range(48)], "split": "test", "sha256": [f"{i:064x}" for i in range(48)],
+    })
+    write_split(root / "data" / "processed" / "8", "test", x, rows)
+    for name in ("alpha", "beta"):
+        (root / "models").mkdir(exist_ok=True)
+        tiny_model(SLOPE[name]).save(root / "models" / f"{name}.keras")
+        sidecar = {"variant": name, "model": "cnn", "image_size": 8, "resize": "squash", "threshold": 0.5,
+                   "threshold_rule": "youden", "val": {"roc_auc": VAL_AUC[name], "accuracy": 0.8, "sensitivity": 0.8,
+                   "specificity": 0.8, "n": 12}, "epochs_run": 1, "train_seconds": 2.0, "seed": 42, "params": {}}
+        (root / "models" / f"{name}.json").write_text(json.dumps(sidecar))
+    (root / "data" / "split").mkdir(parents=True)
+    (root / "data" / "split" / "audit.json").write_text(json.dumps(AUDIT))
+    log = root / "dvclive" / "alpha" / "plots" / "metrics" / "train"
+    log.mkdir(parents=True)
+    (log / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t0.8\n2\t1\t0.6\n")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    if not (ROOT / "cxr" / "inference.py").exists():
+        pytest.skip("cxr/inference.py (load_model, predict_arrays) is not in the tree yet")
+    root = tmp_path_factory.mktemp("project")
+    make_project(root)
+    return root
+
+
+def run_in_process(cwd: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """Run a stage script as `python SCRIPT ARGS` would, in this process (no second TensorFlow start-up)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", list(args))
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(args[0], run_name="__main__")
+    return exit_.value.code
+
+
+def test_evaluate_and_report_stages(project, monkeypatch):
+    done = run_stage(project, str(ROOT / "stages" / "evaluate.py"), "alpha")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run_in_process(project, monkeypatch, str(ROOT / "stages" / "evaluate.py"), "beta") == 0
+    m = json.loads((project / "metrics" / "alpha.json").read_text())
+    assert m["n_test"] == 48 and m["n_patients_test"] == 24 and m["threshold"] == 0.5 and m["val_roc_auc"] == 0.70
+    assert m["roc_auc"] > 0.8  # brighter = pneumonia, as built
+    assert m["ci95"]["roc_auc"][0] <= m["roc_auc"] <= m["ci95"]["roc_auc"][1]
+    assert json.loads((project / "metrics" / "beta.json").read_text())["roc_auc"] < 0.2
+    pred = pd.read_csv(project / "plots" / "alpha" / "predictions.csv")
+    assert len(pred) == 48 and set(pred["actual"]) == {"NORMAL", "PNEUMONIA"}
+    for table in ("roc", "pr", "calibration"):
+        assert len(pd.read_csv(project / "plots" / "alpha" / f"{table}.csv")) > 1
+
+    done = run_stage(project, str(ROOT / "stages" / "report.py"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((project / "metrics" / "summary.json").read_text())
+    assert summary["best"] == "beta"  # by validation AUC, although alpha is far better on test
+    assert summary["variants"]["alpha"]["roc_auc"] == m["roc_auc"]
+    figures = {p.name for p in (project / "plots" / "figures").iterdir()}
+    assert {"roc_all.png", "comparison.png", "confusion_matrices.png", "training_curves.png"} <= figures
+    page = (project / "plots" / "report.html").read_text()
+    _check_page(page)
+    try:
+        import cxr.gradcam  # noqa: F401
+    except ImportError:
+        assert "Grad-CAM unavailable" in page
+    else:
+        assert "gradcam_grid.png" in figures, done.stderr[-2000:]
+    assert not list(project.rglob("*.tmp*"))  # no leftovers of atomic writes
+
+
+def test_stage_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    done = run_stage(tmp_path, str(ROOT / "stages" / "evaluate.py"), "gamma")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "unknown variant 'gamma'" in done.stderr
+    capsys.readouterr()
+    assert run_in_process(tmp_path, monkeypatch, str(ROOT / "stages" / "report.py")) == 1
+    assert capsys.readouterr().err.startswith("error: metrics/alpha.json not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
