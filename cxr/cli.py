@@ -1,0 +1,198 @@
+"""The `cxr` command (installed by pyproject.toml; `python -m cxr.cli` does the same).
+
+    cxr predict IMAGE_OR_FOLDER... [--variant NAME | --model FILE] [--format table|json|csv]
+                [--gradcam DIR] [--batch-size N] [--verbose]
+
+`predict` prints P(pneumonia), the label at the model's validation threshold and the threshold
+for every image (folders are searched recursively). Exit status: 0 all images predicted, 1 some
+file (or the model) failed, 2 usage error. Without --model/--variant it uses the best variant
+named in metrics/summary.json of the project (the nearest folder upwards holding dvc.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cxr.errors import CxrError, run_main
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+FORMATS = ("table", "json", "csv")
+SUMMARY = Path("metrics/summary.json")
+MODELS_DIR = Path("models")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr", description="Pneumonia vs normal in pediatric chest X-rays.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("predict", help="predict P(pneumonia) for images or folders of images", description=__doc__.split("\n\n")[2])
+    p.add_argument("paths", nargs="+", metavar="PATH", type=Path, help=f"image file or folder (searched recursively for {', '.join(IMAGE_EXTENSIONS)}; hidden entries skipped)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--variant", metavar="NAME", help="use models/NAME.keras of the project")
+    which.add_argument("--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)")
+    p.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
+    p.add_argument("--gradcam", metavar="DIR", type=Path, help="also write DIR/<stem>_gradcam.png heatmap overlays")
+    p.add_argument("--batch-size", metavar="N", type=positive_int, default=64, help="images per model call (default: 64)")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    p.set_defaults(run=predict_command, subparser=p)
+    return parser
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above `start` (default: the working folder) holding dvc.yaml."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return start
+
+
+def resolve_model(variant: str | None, model: Path | None, root: Path) -> Path:
+    """The .keras file to use: --model, else --variant, else the best variant of the report."""
+    if model is not None:
+        return model
+    if variant is not None:
+        return root / MODELS_DIR / f"{variant}.keras"
+    summary = root / SUMMARY
+    if not summary.is_file():
+        raise CxrError(f"{summary} not found, so there is no best model to use; run `dvc repro` (or `dvc pull`) or pass --model FILE / --variant NAME")
+    try:
+        best = json.loads(summary.read_text()).get("best")
+    except (json.JSONDecodeError, AttributeError):
+        best = None
+    if not isinstance(best, str) or not best:
+        raise CxrError(f"{summary} names no best variant (key 'best'); rerun `dvc repro report` or pass --model FILE / --variant NAME")
+    return root / MODELS_DIR / f"{best}.keras"
+
+
+def _visible(path: Path, top: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(top).parts)
+
+
+def collect_images(paths: list[Path]) -> list[Path]:
+    """Files as given (even missing ones: they are reported as failed), folders searched
+    recursively for image extensions (any case), each folder's files in sorted order."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and _visible(p, path)]
+            found.extend(sorted(inside, key=lambda p: p.as_posix()))
+        else:
+            found.append(path)
+    unique = dict.fromkeys(found)  # a file named twice (or inside a named folder) once, first place kept
+    return list(unique)
+
+
+def gradcam_names(paths: list[Path]) -> list[str]:
+    """`<stem>_gradcam.png` per path; repeated stems get `-2`, `-3`, ... so none overwrites another."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        n = seen.get(p.stem, 0) + 1
+        seen[p.stem] = n
+        names.append(f"{p.stem}_gradcam.png" if n == 1 else f"{p.stem}-{n}_gradcam.png")
+    return names
+
+
+def write_gradcams(rows: list[dict[str, Any]], paths: list[Path], loaded: Any, out_dir: Path, cam: Any) -> int:
+    """Write one overlay per successfully predicted image; fills each row's `gradcam` path."""
+    from cxr.gradcam import overlay, write_overlay
+    from cxr.images import load_resized
+
+    size, written = loaded.image_size, 0
+    for row, path, name in zip(rows, paths, gradcam_names(paths)):
+        row["gradcam"] = None
+        if row["error"] is not None:
+            continue
+        img = load_resized(path, [size], loaded.resize)[size]
+        target = out_dir / name
+        write_overlay(target, overlay(img, cam(img)))
+        row["gradcam"] = str(target)
+        written += 1
+    return written
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = ["path", "probability", "label", "threshold"]
+    width = max([len(header[0])] + [len(r["path"]) for r in rows])
+    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<9}  {'threshold':>9}"]
+    for r in rows:
+        prob = "-" if r["probability"] is None else f"{r['probability']:.4f}"
+        label = r["label"] or "ERROR"
+        line = f"{r['path']:<{width}}  {prob:>11}  {label:<9}  {r['threshold']:>9.4f}"
+        lines.append(line + (f"  {r['error']}" if r["error"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def format_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2) + "\n"
+
+
+def format_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["path"], lineterminator="\n")
+    writer.writeheader()
+    # repr keeps every digit, so the CSV parses back to the very float computed
+    writer.writerows({k: (repr(v) if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()} for r in rows)
+    return buf.getvalue()
+
+
+FORMATTERS = {"table": format_table, "json": format_json, "csv": format_csv}
+
+
+def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cxr.inference import load_model, predict_files
+
+    paths = collect_images(args.paths)
+    if not paths:
+        parser.error(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, args.paths))}")
+    loaded = load_model(resolve_model(args.variant, args.model, project_root()))
+    cam = None
+    if args.gradcam is not None:
+        from cxr.gradcam import GradCam
+
+        cam = GradCam(loaded.model)  # fails now, before any work, for a model without convolutions
+    rows = [p.as_dict() for p in predict_files(paths, loaded, args.batch_size)]
+    if cam is not None:
+        written = write_gradcams(rows, paths, loaded, args.gradcam, cam)
+        print(f"wrote {written} Grad-CAM overlay(s) to {args.gradcam}", file=sys.stderr)
+    sys.stdout.write(FORMATTERS[args.format](rows))
+    sys.stdout.flush()
+    failed = sum(r["error"] is not None for r in rows)
+    if failed:
+        print(f"error: {failed} of {len(rows)} file(s) could not be predicted (see the error column)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Parse `argv` and run the subcommand; returns the exit status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's info lines are noise here
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.run(args, args.subparser)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `cxr` command: user errors become one line, see cxr.errors."""
+    run_main(lambda: cli(argv))
+
+
+if __name__ == "__main__":
+    main()
