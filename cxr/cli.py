@@ -191,7 +191,7 @@ def cli(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `cxr` command: user errors become one line, see cxr.errors."""
-    run_main(lambda: cli(argv))
+    run_main(lambda: cli(argv), argv)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,16 @@ def debug_enabled(argv: list[str] | None = None) -> bool:
     return os.environ.get("CXR_DEBUG", "") not in ("", "0") or "--verbose" in argv
 
 
-def run_main(main: Callable[[], int | None]) -> None:
-    """Run `main`, exiting with its status; user errors become one line on stderr."""
+def run_main(main: Callable[[], int | None], argv: list[str] | None = None) -> None:
+    """Run `main`, exiting with its status; user errors become one line on stderr.
+    `argv` (default sys.argv) is only consulted for --verbose."""
     try:
         status = main()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
     except (CxrError, ValueError, FileNotFoundError, PermissionError, OSError) as exc:
-        if debug_enabled():
+        if debug_enabled(argv):
             traceback.print_exc()
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)

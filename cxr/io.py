@@ -7,6 +7,14 @@ import json
 import os
 import shutil
 import tempfile
+
+# mkstemp creates 0600 files; outputs should get the usual permissions of the user's umask.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _publish_mode(path: Path) -> None:
+    os.chmod(path, 0o666 & ~_UMASK)
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +53,7 @@ def atomic_file(final: Path | str, mode: str = "w") -> Iterator[Any]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        _publish_mode(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -63,6 +72,7 @@ def atomic_path(final: Path | str) -> contextlib.AbstractContextManager[Path]:
         tmp = Path(tmp_name)
         try:
             yield tmp
+            _publish_mode(tmp)
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -1,0 +1,232 @@
+"""Train one variant on cached arrays: determinism, class weights, early stopping on validation
+AUC, DVCLive logging, and a decision threshold chosen on validation (Youden's J).
+
+    python stages/train.py VARIANT      # the DVC stage train@VARIANT; it calls train_variant()
+
+`train_variant` works on in-memory splits and writes nothing but the optional DVCLive folder,
+so tests can call it directly; `save_result` writes models/<v>.keras and its sidecar atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.utils.class_weight import compute_class_weight
+
+from cxr.cache import CachedSplit, make_dataset
+from cxr.metrics import youden_threshold  # one threshold rule for training and evaluation
+from cxr.errors import CxrError
+from cxr.io import atomic_path, write_json
+from cxr.models import backbone_features, build_model, compile_model, compose, feature_head
+from cxr.params import Params, VariantParams
+
+THRESHOLD_RULES = ("youden",)
+PREDICT_BATCH = 64
+
+
+@dataclass
+class TrainResult:
+    """A trained model, its sidecar (the models/<v>.json contents) and the per-epoch history."""
+
+    model: keras.Model
+    meta: dict[str, Any]
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def set_determinism(seed: int) -> None:
+    """Same seed, same params → the same weights and metrics on CPU."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def get_strategy(distribute: str) -> tf.distribute.Strategy:
+    """The tf.distribute strategy for params.train.distribute (auto: mirrored on >1 GPU)."""
+    if distribute == "multi_worker":
+        raise CxrError("params.yaml train.distribute: multi_worker is not implemented yet; use auto, none or mirrored")
+    if distribute == "mirrored" or (distribute == "auto" and len(tf.config.list_logical_devices("GPU")) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def configure_precision(mixed_precision: bool) -> None:
+    """mixed_float16 where a GPU can use it; CPUs keep float32 (fp16 is slower there)."""
+    use = mixed_precision and bool(tf.config.list_logical_devices("GPU"))
+    keras.mixed_precision.set_global_policy("mixed_float16" if use else "float32")
+
+
+def class_weights(y: np.ndarray) -> dict[int, float]:
+    """Balanced weights n / (2 · n_class), so each class contributes equally to the loss."""
+    weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=np.asarray(y))
+    return {0: float(weights[0]), 1: float(weights[1])}
+
+
+def threshold_summary(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, Any]:
+    """ROC AUC and accuracy / sensitivity / specificity at `threshold` (prob >= threshold → 1)."""
+    pred = (prob >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    return {
+        "roc_auc": float(roc_auc_score(y, prob)),
+        "accuracy": float((tp + tn) / len(y)),
+        "sensitivity": float(tp / (tp + fn)),
+        "specificity": float(tn / (tn + fp)),
+        "n": int(len(y)),
+    }
+
+
+def check_inputs(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit) -> int:
+    """Clear errors for values that would fail deep inside Keras; returns the epoch count."""
+    if params.train.threshold_rule not in THRESHOLD_RULES:
+        raise CxrError(f"params.yaml train.threshold_rule: '{params.train.threshold_rule}' is not one of {', '.join(THRESHOLD_RULES)}")
+    epochs = variant.effective_epochs(params.train)
+    if not isinstance(epochs, int) or epochs <= 0:
+        key = "seed_epochs" if params.train.use_seed_epochs and variant.seed_epochs else "epochs"
+        raise CxrError(f"params.yaml variants.{variant.name}.{key}: must be a positive integer, got {epochs!r}")
+    for name, split in (("train", train), ("val", val)):
+        if split.x.shape[1:] != (variant.image_size, variant.image_size, 1):
+            raise CxrError(f"the {name} cache holds {split.x.shape[1:]} images but variants.{variant.name}.image_size is "
+                           f"{variant.image_size}; rerun `dvc repro preprocess`")
+        if set(np.unique(split.y).tolist()) != {0, 1}:
+            raise CxrError(f"the {name} split needs both NORMAL and PNEUMONIA images (its {len(split)} images are not both); check split / preprocess")
+    if variant.model == "transfer_features" and variant.augment:
+        raise CxrError(f"params.yaml variants.{variant.name}.augment: transfer_features computes each image's features once, "
+                       "so it cannot augment; set augment: false (transfer_frozen augments)")
+    if variant.batch_size > len(train):
+        raise CxrError(f"params.yaml variants.{variant.name}.batch_size: {variant.batch_size} is larger than the training set "
+                       f"({len(train)} images); lower it")
+    return epochs
+
+
+def callbacks(params: Params, live: Any | None) -> list[keras.callbacks.Callback]:
+    """Early stopping on validation AUC with the best weights restored, plus DVCLive if given."""
+    out: list[keras.callbacks.Callback] = [
+        keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=params.train.patience, restore_best_weights=True, verbose=1)
+    ]
+    if live is not None:
+        from dvclive.keras import DVCLiveCallback
+
+        out.append(DVCLiveCallback(live=live))
+    return out
+
+
+def open_live(live_dir: Path | str | None) -> contextlib.AbstractContextManager[Any]:
+    """A DVCLive run writing plots/metrics and metrics.json only: no dvc.yaml, no experiment."""
+    if live_dir is None:
+        return contextlib.nullcontext(None)
+    from dvclive import Live
+
+    return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+
+
+def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """P(pneumonia) for uint8 or float images (N, S, S, 1), as a flat array."""
+    return model.predict(make_dataset(x, None, PREDICT_BATCH), verbose=0).reshape(-1)
+
+
+def fit_arrays(model: keras.Model, variant: VariantParams, params: Params, x_train: np.ndarray, y_train: np.ndarray,
+               x_val: np.ndarray, y_val: np.ndarray, epochs: int, cbs: list, verbose: int) -> keras.callbacks.History:
+    """model.fit on seeded, shuffled tf.data batches with balanced class weights."""
+    return model.fit(
+        make_dataset(x_train, y_train, variant.batch_size, shuffle=True, seed=params.seed),
+        validation_data=make_dataset(x_val, y_val, variant.batch_size),
+        epochs=epochs,
+        class_weight=class_weights(y_train),
+        callbacks=cbs,
+        verbose=verbose,
+        shuffle=False,  # the dataset already shuffles, seeded
+    )
+
+
+Fitted = tuple[keras.Model, keras.callbacks.History, np.ndarray]
+
+
+def fit_end_to_end(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int) -> Fitted:
+    """Build, compile and fit a whole model on the images; returns (model, history, val_prob)."""
+    steps = math.ceil(len(train) / variant.batch_size)
+    with get_strategy(params.train.distribute).scope():
+        model = compile_model(build_model(variant, params), variant, steps, epochs)
+    history = fit_arrays(model, variant, params, train.x, train.y, val.x, val.y, epochs, cbs, verbose)
+    return model, history, predict(model, val.x)
+
+
+def fit_on_features(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int) -> Fitted:
+    """The seed's two-step transfer: backbone features computed once, a head fitted on them, then
+    one composed model pixels → backbone → head; returns (model, history, val_prob)."""
+    steps = math.ceil(len(train) / variant.batch_size)
+    with get_strategy(params.train.distribute).scope():
+        extractor = backbone_features(variant, params.transfer)
+        head = compile_model(feature_head(extractor.output.shape[-1]), variant, steps, epochs)
+    f_train, f_val = predict_features(extractor, train.x), predict_features(extractor, val.x)
+    history = fit_arrays(head, variant, params, f_train, train.y, f_val, val.y, epochs, cbs, verbose)
+    return compose(extractor, head, variant.name), history, predict(head, f_val)
+
+
+def predict_features(extractor: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Flattened backbone features, float32 (N, F), computed once per image."""
+    return extractor.predict(make_dataset(x, None, PREDICT_BATCH), verbose=0)
+
+
+def train_variant(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit,
+                  live_dir: Path | str | None = None, verbose: int = 2) -> TrainResult:
+    """Train `variant` on the given splits and choose its threshold on `val`.
+
+    Writes only `live_dir` (DVCLive's per-epoch plots and metrics.json) when given.
+    """
+    epochs = check_inputs(variant, params, train, val)
+    keras.backend.clear_session()
+    set_determinism(params.seed)
+    configure_precision(params.train.mixed_precision)
+    fit = fit_on_features if variant.model == "transfer_features" else fit_end_to_end
+    with open_live(live_dir) as live:
+        start = time.perf_counter()
+        model, history, val_prob = fit(variant, params, train, val, epochs, callbacks(params, live), verbose)
+        seconds = time.perf_counter() - start
+        if not np.all(np.isfinite(val_prob)):
+            raise CxrError(f"variant {variant.name} diverged (non-finite validation predictions); lower variants.{variant.name}.learning_rate")
+        threshold = youden_threshold(val.y, val_prob)
+        summary = threshold_summary(val.y, val_prob, threshold)
+        if live is not None:
+            # The restored best epoch's figures, next to DVCLive's last-epoch ones in metrics.json.
+            for key in ("roc_auc", "sensitivity", "specificity"):
+                live.log_metric(f"best/val_{key}", summary[key], plot=False)
+            live.log_metric("best/threshold", threshold, plot=False)
+    epochs_run = len(history.epoch)
+    print(f"train@{variant.name}: {epochs_run} epoch(s) in {seconds:.1f} s; val roc_auc={summary['roc_auc']:.3f} "
+          f"threshold={threshold:.3f} sensitivity={summary['sensitivity']:.3f} specificity={summary['specificity']:.3f}")
+    meta = sidecar(variant, params, threshold, summary, epochs_run, seconds)
+    return TrainResult(model=model, meta=meta, history={k: [float(v) for v in vals] for k, vals in history.history.items()})
+
+
+def sidecar(variant: VariantParams, params: Params, threshold: float, val: dict[str, Any], epochs_run: int, seconds: float) -> dict[str, Any]:
+    """models/<v>.json, as docs/design.md defines it."""
+    variant_params = {k: v for k, v in asdict(variant).items() if k not in ("name", "extra")} | dict(variant.extra)
+    if variant.model.startswith("transfer") or variant.model == "modern":  # the backbone settings they used
+        variant_params["transfer"] = asdict(params.transfer)
+    return {
+        "variant": variant.name,
+        "model": variant.model,
+        "image_size": variant.image_size,
+        "resize": params.preprocess.resize,
+        "threshold": threshold,
+        "threshold_rule": params.train.threshold_rule,
+        "val": val,
+        "epochs_run": epochs_run,
+        "train_seconds": round(seconds, 2),
+        "seed": params.seed,
+        "params": variant_params,
+    }
+
+
+def save_result(result: TrainResult, model_path: Path | str, meta_path: Path | str) -> None:
+    """Write the model and then its sidecar, each atomically (whole or absent)."""
+    with atomic_path(model_path) as tmp:
+        result.model.save(tmp)
+    write_json(meta_path, result.meta)
