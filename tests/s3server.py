@@ -29,6 +29,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Self
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
@@ -136,7 +137,7 @@ class S3Server:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> S3Server:
+    def start(self) -> Self:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION}
         env.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)  # auth is off until enforce_auth()
         self._proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(HOLD_LIMIT_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
@@ -167,7 +168,7 @@ class S3Server:
         finally:
             proc.stdout.close()
 
-    def __enter__(self) -> S3Server:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -186,22 +186,21 @@ def test_push_killed_part_way_then_run_again_loses_nothing(tiny_pipeline, tmp_pa
 
     # Let 5 uploads through, hold the next ones unanswered, then kill the push mid-flight.
     s3.hold_puts_after(5)
-    log = open(tmp_path / "push1.log", "w+")
-    push = subprocess.Popen([DVC, "push", "-j", "2"], cwd=pusher, env={**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(pusher), **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + PUSH_TIMEOUT_S
-        while (stats := s3.stats()).held == 0:
-            if push.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"dvc push ended ({push.returncode}) before it could be interrupted ({stats}):\n{log.read()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"dvc push made no progress to interrupt within {PUSH_TIMEOUT_S}s ({stats})")
-            time.sleep(0.1)
-    finally:
-        if push.poll() is None:
-            os.killpg(push.pid, signal.SIGKILL)
-        push.wait(timeout=60)
-        log.close()
+    with open(tmp_path / "push1.log", "w+") as log:
+        push = subprocess.Popen([DVC, "push", "-j", "2"], cwd=pusher, env={**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(pusher), **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + PUSH_TIMEOUT_S
+            while (stats := s3.stats()).held == 0:
+                if push.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"dvc push ended ({push.returncode}) before it could be interrupted ({stats}):\n{log.read()[-2000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"dvc push made no progress to interrupt within {PUSH_TIMEOUT_S}s ({stats})")
+                time.sleep(0.1)
+        finally:
+            if push.poll() is None:
+                os.killpg(push.pid, signal.SIGKILL)
+            push.wait(timeout=60)
     assert push.returncode == -signal.SIGKILL
     s3.release()
     partial = s3.keys(BUCKET, "store/")
