@@ -35,7 +35,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from cxr.errors import CxrError
-from cxr.io import atomic_dir
+from cxr.io import atomic_dir, sweep_stale
 
 SPLITS = ("train", "test")
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -146,7 +146,7 @@ def check_names(names: Iterable[str], display: str) -> None:
     for name in names:
         parts = re.split(r"[\\/]", name)
         if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-            raise CxrError(f"{display}: member '{name}' has an absolute or '..' path (zip-slip); refusing the archive")
+            raise CxrError(f"{display}: member '{name}' has an absolute or '..' path (zip-slip); refusing the archive, get it from its original source")
 
 
 def find_root(names: Iterable[str], display: str) -> str:
@@ -303,7 +303,7 @@ def check_members(infos: list[zipfile.ZipInfo], display: str) -> None:
     check_names((i.filename for i in infos), display)
     for info in infos:
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise CxrError(f"{display}: member '{info.filename}' is a symbolic link; refusing the archive")
+            raise CxrError(f"{display}: member '{info.filename}' is a symbolic link; refusing the archive, get it from its original source")
 
 
 def central_directory_bytes(infos: list[zipfile.ZipInfo]) -> int:
@@ -644,7 +644,8 @@ def _fetch_http(url: str, dest: Path, cap: int, timeout_s: float, progress: bool
 def _download_and_extract(http: Http, first: http.client.HTTPResponse, dest: Path, cap: int, progress: bool) -> FetchReport:
     """Download the whole archive next to dest, then extract it like a local zip."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.download.", dir=dest.parent) as tmp:
+    sweep_stale(dest)  # a download a killed fetch left behind (it can be gigabytes)
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.{os.getpid()}-download.", dir=dest.parent) as tmp:
         path = Path(tmp) / "archive.zip"
         download(http, first, path, progress)
         with _open_local_zip(path, http.url) as zf:

@@ -25,6 +25,8 @@ OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
 SPLIT_STRATEGIES = ("patient_grouped", "seed")
 RESIZE_MODES = ("squash", "pad")
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
+# The seed's CNN pools four times after 3×3 convolutions: below 46 px nothing is left.
+MIN_MODEL_SIZE = {"cnn": 46}
 # Knobs a builder reads beyond the common variant keys (see cxr/models.py).
 MODEL_EXTRAS = {
     "modern": {"alpha", "dropout", "trainable_from", "weight_decay", "label_smoothing", "augment_strength", "warmup_fraction"},
@@ -217,6 +219,8 @@ def parse(raw: dict[str, Any]) -> Params:
         _choice(v.optimizer, f"{key}.optimizer", OPTIMIZERS)
         _check(isinstance(v.learning_rate, (int, float)) and v.learning_rate > 0, f"{key}.learning_rate", f"must be positive, got {v.learning_rate!r}")
         _check(v.shared in raw, f"{key}.shared", f"names no params section '{v.shared}'")
+        if v.image_size < MIN_MODEL_SIZE.get(v.model, 1):
+            _check(False, f"{key}.image_size", f"{v.image_size} px is too small for model {v.model}; use at least {MIN_MODEL_SIZE[v.model]}")
         if v.model.startswith("transfer") or v.model == "modern":
             minimum = MIN_BACKBONE_SIZE[transfer.backbone]
             _check(v.image_size >= minimum, f"{key}.image_size", f"{v.image_size} px is too small for backbone {transfer.backbone}; use at least {minimum}")
