@@ -13,7 +13,6 @@ network is larger than measured here: there it scales with the bytes not sent.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile

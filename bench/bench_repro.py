@@ -1,0 +1,260 @@
+"""DVC overhead: a no-op `dvc repro`, and what one variant's parameter change makes rerun.
+
+    .venv/bin/python bench/bench_repro.py [--repeats 3] [--variant cnn_baseline] [--run] [--quick]
+
+Which project it measures (stated in the output and the JSON as "project"):
+  real  when dvc.lock exists in the project root and `dvc status` there is clean: `dvc repro`
+        is timed in place (it has nothing to do, so it changes nothing; rechecked before each run).
+  tiny  otherwise: a throw-away git+DVC project in a temp folder built like tests/conftest.py's
+        tiny_pipeline (synthetic archive, tiny_params: every variant at a few dozen px for 1 epoch), fully reproduced
+        once, then timed. Its data folders hold a few dozen files, so hashing costs less than in
+        the real project with ~5,900 images: read it as a lower bound.
+
+Goal 1: a no-op `dvc repro` takes ≤ 3 s (median of --repeats) and runs no stage.
+Goal 2: after changing one variant's parameter (learning_rate × 10, in a scratch copy: the
+project's params.yaml is never touched) only train@<v>, evaluate@<v> and report would rerun.
+Measured with `dvc status --json` (the stages whose own inputs changed) and
+`dvc repro --dry --force-downstream` (those plus every stage downstream of them: what a real
+repro reruns once the new model differs). --run (tiny project only) also runs the repro and
+lists the stages that actually ran. Writes bench/results/repro.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine_info, machine_line, median, table, write_result  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+DVC = str(Path(sys.executable).with_name("dvc"))
+GOAL_NOOP_S = 3.0
+
+
+class CommandError(RuntimeError):
+    pass
+
+
+def sh(cwd: Path, *args: str, timeout: int = 1800, check: bool = True) -> subprocess.CompletedProcess:
+    """Run with the venv's tools first on PATH (as `make repro` does) and a throw-away git identity."""
+    # PYTHONPATH: the stages import `cxr` from the project they run in (as tests/conftest.py does)
+    env = {**os.environ, "PYTHONPATH": str(cwd), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("PYTHONHASHSEED", "0")
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise CommandError(f"`{' '.join(args)}` in {cwd} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done
+
+
+def ran(done: subprocess.CompletedProcess) -> list[str]:
+    return sorted(set(re.findall(r"Running stage '([^']+)'", done.stdout + done.stderr)))
+
+
+def status(work: Path) -> dict[str, Any]:
+    out = sh(work, DVC, "status", "--json").stdout.strip()
+    return json.loads(out[out.index("{"):]) if "{" in out else {}
+
+
+# ----------------------------------------------------------------------------- projects
+
+def real_project_clean() -> tuple[bool, str]:
+    if not (ROOT / "dvc.lock").is_file():
+        return False, "no dvc.lock in the project (the pipeline has not been run here)"
+    try:
+        st = status(ROOT)
+    except CommandError as exc:
+        return False, f"`dvc status` failed: {str(exc).splitlines()[0]}"
+    if st:
+        return False, f"`dvc status` is not clean ({', '.join(sorted(st))} changed)"
+    return True, "dvc.lock present and `dvc status` clean"
+
+
+def build_tiny(folder: Path) -> tuple[Path, float]:
+    """The tests' tiny pipeline (tests/conftest.py tiny_params + tests/synth.py), reproduced once."""
+    from conftest import tiny_params  # the same shrunken params.yaml the end-to-end tests use
+    from synth import Counts, make_archive
+
+    archive = make_archive(folder / "archive.zip", counts={"train": Counts(normal=8, bacteria=6, virus=5), "test": Counts(normal=4, bacteria=3, virus=3)})
+    work = folder / "origin"
+    work.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, work / name)
+    for sub in ("cxr", "stages"):
+        shutil.copytree(ROOT / sub, work / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(archive), sort_keys=False))
+    sh(work, "git", "init", "-q", "-b", "main")
+    sh(work, DVC, "init", "-q")
+    sh(work, DVC, "config", "core.analytics", "false")
+    sh(work, "git", "add", "-A")
+    sh(work, "git", "commit", "-qm", "tiny project")
+    start = time.perf_counter()
+    sh(work, DVC, "repro")
+    seconds = time.perf_counter() - start
+    sh(work, "git", "add", "-A")
+    sh(work, "git", "commit", "-qm", "first run")
+    return work, seconds
+
+
+def scratch_copy(origin: Path, dest: Path) -> Path:
+    """A working copy of `origin` (its git-visible files, committed or not) sharing its DVC cache;
+    outputs are checked out as symlinks into that cache, so nothing large is copied."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=origin, capture_output=True, text=True, check=True).stdout
+    for rel in filter(None, listed.split("\0")):
+        src = origin / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for rel in ("dvc.lock", ".dvc/config"):
+        if (origin / rel).is_file() and not (dest / rel).exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(origin / rel, dest / rel)
+    # a commit, not just `git init`: DVCLive (train stage) fails in a repo without one
+    sh(dest, "git", "init", "-q", "-b", "main")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "scratch copy")
+    sh(dest, DVC, "cache", "dir", "--local", str(origin / ".dvc" / "cache"))
+    sh(dest, DVC, "config", "--local", "cache.type", "symlink")
+    sh(dest, DVC, "config", "--local", "core.analytics", "false")
+    sh(dest, DVC, "checkout", "-q")
+    # outputs with `cache: false` (metrics, plots, audit.json) are not in the cache, and some
+    # sit under git-ignored folders (/data/): copy those the checkout could not restore
+    lock = yaml.safe_load((origin / "dvc.lock").read_text()) if (origin / "dvc.lock").is_file() else {}
+    for stage in (lock or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            src, dst = origin / out["path"], dest / out["path"]
+            if src.exists() and not dst.exists() and not dst.is_symlink():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    return dest
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_noop(work: Path, repeats: int, recheck: bool) -> dict[str, Any]:
+    seconds, cpu, stages_ran = [], [], []
+    for _ in range(repeats):
+        if recheck and status(work):
+            raise CommandError(f"`dvc status` in {work} is no longer clean; not running `dvc repro` there")
+        start, cpu0 = time.perf_counter(), children_cpu()
+        done = sh(work, DVC, "repro")
+        seconds.append(time.perf_counter() - start)
+        cpu.append(children_cpu() - cpu0)  # less dependent on the neighbours than wall time
+        stages_ran += ran(done)
+    start = time.perf_counter()
+    status(work)
+    status_s = time.perf_counter() - start
+    med = median(seconds)
+    return {"seconds_median": round(med, 2), "seconds_all": [round(s, 2) for s in seconds], "cpu_s_median": round(median(cpu), 2),
+            "stages_ran": sorted(set(stages_ran)),
+            "dvc_status_s": round(status_s, 2), "goal_s": GOAL_NOOP_S, "goal_met": med <= GOAL_NOOP_S and not stages_ran}
+
+
+def param_change(origin: Path, variant: str, run: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-repro-scratch-") as tmp:
+        work = scratch_copy(origin, Path(tmp) / "work")
+        baseline = status(work)
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        if variant not in params["variants"]:
+            raise SystemExit(f"--variant {variant}: not in params.yaml variants ({', '.join(params['variants'])})")
+        old = params["variants"][variant]["learning_rate"]
+        params["variants"][variant]["learning_rate"] = old * 10
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        direct = sorted(status(work))
+        dry = sh(work, DVC, "repro", "--dry", "--force-downstream")
+        would = ran(dry)
+        result: dict[str, Any] = {
+            "param": f"variants.{variant}.learning_rate", "old": old, "new": old * 10,
+            "status_before_change": sorted(baseline),
+            "dvc_status_changed": direct,
+            "would_rerun": would,
+            "expected": sorted({f"train@{variant}", f"evaluate@{variant}", "report"}),
+        }
+        # init_from chains (transfer_finetuned starts from models/transfer_frozen.keras) rerun by design
+        chained = sorted(f"train@{k}" for k, v in params["variants"].items() if v.get("init_from") == f"models/{variant}.keras")
+        if chained:
+            result["expected"] = sorted(set(result["expected"]) | set(chained) | {f"evaluate@{c.split('@')[1]}" for c in chained})
+        result["goal_met"] = not baseline and set(would) == set(result["expected"])
+        if run:
+            try:
+                result["actually_ran"] = ran(sh(work, DVC, "repro"))
+            except CommandError as exc:
+                result["actually_ran"] = []
+                result["run_error"] = [line for line in str(exc).splitlines() if line.strip()][-3:]
+            result["goal_met"] = result["goal_met"] and set(result["actually_ran"]) == set(result["expected"])
+        return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="no-op repro runs (median)")
+    parser.add_argument("--variant", default="cnn_baseline", help="variant whose learning_rate is changed in the scratch copy")
+    parser.add_argument("--run", action="store_true", help="tiny project only: also run the repro after the change")
+    parser.add_argument("--tiny", action="store_true", help="use the tiny project even when the real one is clean")
+    parser.add_argument("--tiny-dir", type=Path, help="build the tiny project here and keep it; reuse it when it is already built")
+    parser.add_argument("--quick", action="store_true", help="same as the defaults without --run (the tiny build dominates)")
+    args = parser.parse_args()
+    before = machine_info()
+    clean, why = (False, "--tiny given") if args.tiny else real_project_clean()
+    result: dict[str, Any] = {"project": "real" if clean else "tiny", "why": why}
+    with tempfile.TemporaryDirectory(prefix="bench-repro-") as tmp:
+        if clean:
+            origin = ROOT
+        elif args.tiny_dir and (args.tiny_dir / "origin" / "dvc.lock").is_file():
+            origin = args.tiny_dir / "origin"
+            print(f"real project not usable ({why}): reusing the tiny project in {origin}", flush=True)
+        else:
+            folder = args.tiny_dir or Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"real project not usable ({why}): building the tiny synthetic project in {folder} (a few minutes)…", flush=True)
+            origin, build_s = build_tiny(folder)
+            result["tiny_first_repro_s"] = round(build_s, 1)
+        result["noop_repro"] = time_noop(origin, args.repeats, recheck=clean)
+        result["param_change"] = param_change(origin, args.variant, run=args.run and not clean)
+    after = machine_info()
+    result["machine_before"] = before
+    noop, pc = result["noop_repro"], result["param_change"]
+    print(f"project: {result['project']} ({why}); {machine_line(before)}")
+    rows = [
+        ("no-op `dvc repro` (median)", f"{noop['seconds_median']:.2f} s {noop['seconds_all']}, {noop['cpu_s_median']:.2f} CPU s", f"≤ {GOAL_NOOP_S:.0f} s, no stage runs",
+         f"{'met' if noop['goal_met'] else 'NOT met'}; stages run: {noop['stages_ran'] or 'none'}"),
+        ("`dvc status` (no-op)", f"{noop['dvc_status_s']:.2f} s", "", ""),
+        (f"{pc['param']} ×10: `dvc status`", ", ".join(pc["dvc_status_changed"]) or "nothing", "", ""),
+        ("  would rerun (repro --dry --force-downstream)", ", ".join(pc["would_rerun"]) or "nothing", ", ".join(pc["expected"]),
+         "met" if pc["goal_met"] else "NOT met"),
+    ]
+    if "actually_ran" in pc:
+        rows.append(("  actually ran (`dvc repro`)", ", ".join(pc["actually_ran"]), "", ""))
+    print(table(["figure", "measured", "goal", "met?"], rows))
+    print(f"load average after: {after['load_average_1_5_15']}")
+    path = write_result("repro", result, after)
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

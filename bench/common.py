@@ -1,0 +1,123 @@
+"""Helpers shared by the benchmark scripts: machine facts, a plain-text table, result JSON.
+
+Every figure a benchmark writes carries the machine it was measured on (`machine_info()`:
+core count, CPU model, load average, versions, git commit, timestamp) because the build
+machine is shared and wall times on it say as much about the neighbours as about the code.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SAMPLES = ROOT.parent / "shared" / "data" / "raw_sample"
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def git_commit(root: Path = ROOT) -> str | None:
+    """HEAD's commit, with '+dirty' when the working tree differs from it (read-only git calls)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=30)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to judge a timing: cores, CPU, load, versions, commit, time."""
+    info: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "load_average_1_5_15": load_average(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        import PIL
+
+        info["pillow"] = PIL.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    info = info or machine_info()
+    load = info.get("load_average_1_5_15") or ["?"]
+    return f"{info['nproc']} cores ({info['cpu_model']}), load average {load[0]} (1 min), commit {str(info.get('git_commit'))[:12]}"
+
+
+def sample_files(root: Path = SAMPLES) -> list[Path]:
+    """The full-resolution originals in ../shared/data/raw_sample, sorted."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no sample images in {root}; see ../shared/README.md")
+    return files
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | None = None) -> str:
+    """A plain-text table with '|' separators (also valid Markdown). align: one l/r per column."""
+    rows = [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    align = align or "l" * len(headers)
+
+    def fmt(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, align, strict=True)) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align, strict=True)) + "|"
+    return "\n".join([fmt(headers), sep] + [fmt(r) for r in rows])
+
+
+def write_result(name: str, data: dict[str, Any], machine: dict[str, Any] | None = None) -> Path:
+    """bench/results/<name>.json (atomic), with the machine facts under "machine"."""
+    from cxr.io import write_json
+
+    path = RESULTS / f"{name}.json"
+    write_json(path, {**data, "machine": machine or machine_info()})
+    return path
