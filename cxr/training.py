@@ -23,6 +23,7 @@ from sklearn.metrics import confusion_matrix, roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 
 from cxr.cache import CachedSplit, make_dataset
+from cxr.distribute import configure_precision, get_strategy, global_batch_size, shard_by_data
 from cxr.metrics import youden_threshold  # one threshold rule for training and evaluation
 from cxr.errors import CxrError
 from cxr.io import atomic_path, write_json
@@ -46,21 +47,6 @@ def set_determinism(seed: int) -> None:
     """Same seed, same params → the same weights and metrics on CPU."""
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-
-
-def get_strategy(distribute: str) -> tf.distribute.Strategy:
-    """The tf.distribute strategy for params.train.distribute (auto: mirrored on >1 GPU)."""
-    if distribute == "multi_worker":
-        raise CxrError("params.yaml train.distribute: multi_worker is not implemented yet; use auto, none or mirrored")
-    if distribute == "mirrored" or (distribute == "auto" and len(tf.config.list_logical_devices("GPU")) > 1):
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def configure_precision(mixed_precision: bool) -> None:
-    """mixed_float16 where a GPU can use it; CPUs keep float32 (fp16 is slower there)."""
-    use = mixed_precision and bool(tf.config.list_logical_devices("GPU"))
-    keras.mixed_precision.set_global_policy("mixed_float16" if use else "float32")
 
 
 def class_weights(y: np.ndarray) -> dict[int, float]:
@@ -146,16 +132,49 @@ def open_live(live_dir: Path | str | None) -> contextlib.AbstractContextManager[
 
 
 def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    """P(pneumonia) for uint8 or float images (N, S, S, 1), as a flat array."""
-    return model.predict(make_dataset(x, None, PREDICT_BATCH), verbose=0).reshape(-1)
+    """P(pneumonia) for uint8 or float images (N, S, S, 1), as a flat array in the order of `x`
+    (under a multi-worker strategy every worker gets all of it: Keras gathers the shards)."""
+    return model.predict(_predict_dataset(model, x), verbose=0).reshape(-1)
+
+
+def _predict_dataset(model: keras.Model, x: np.ndarray) -> Any:
+    batch = global_batch_size(PREDICT_BATCH, model.distribute_strategy)
+    return shard_by_data(make_dataset(x, None, batch))
+
+
+def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int) -> tf.data.Dataset:
+    """`epochs` × ceil(N / batch_size) float32 training batches, each epoch a permutation that
+    depends only on (seed, epoch); batches never span two epochs.
+
+    Not `Dataset.shuffle(reshuffle_each_iteration=True)`: its permutations follow how many
+    iterators were opened, and under a tf.distribute strategy Keras opens one more (to build the
+    model), which would shift every epoch's order against the same run without a strategy.
+    """
+    images, labels = tf.constant(np.asarray(x)), tf.constant(np.asarray(y, np.float32))
+    n = len(x)
+
+    def epoch_indices(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    def gather(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.cast(tf.gather(images, indices), tf.float32), tf.gather(labels, indices)
+
+    # No .cache(): the arrays are already in memory and gather + cast is cheaper than a copy of
+    # float32 pixels (4× the uint8 cache); prefetch overlaps it with the training step.
+    batches = tf.data.Dataset.range(epochs).flat_map(epoch_indices)
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
 def fit_arrays(model: keras.Model, variant: VariantParams, params: Params, x_train: np.ndarray, y_train: np.ndarray,
                x_val: np.ndarray, y_val: np.ndarray, epochs: int, cbs: list, verbose: int) -> keras.callbacks.History:
-    """model.fit on seeded, shuffled tf.data batches with balanced class weights."""
+    """model.fit on seeded, shuffled tf.data batches with balanced class weights; `variant.batch_size`
+    images per replica, so each step sees batch_size × replicas (the learning rate is unchanged)."""
+    batch = global_batch_size(variant.batch_size, model.distribute_strategy)
     return model.fit(
-        make_dataset(x_train, y_train, variant.batch_size, shuffle=True, seed=params.seed),
-        validation_data=make_dataset(x_val, y_val, variant.batch_size),
+        shard_by_data(epoch_batches(x_train, y_train, batch, params.seed, epochs)),
+        steps_per_epoch=math.ceil(len(x_train) / batch),
+        validation_data=shard_by_data(make_dataset(x_val, y_val, batch)),
         epochs=epochs,
         class_weight=class_weights(y_train),
         callbacks=[ExactValidationAUC(x_val, y_val), *cbs],
@@ -169,8 +188,9 @@ Fitted = tuple[keras.Model, keras.callbacks.History, np.ndarray]
 
 def fit_end_to_end(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int) -> Fitted:
     """Build, compile and fit a whole model on the images; returns (model, history, val_prob)."""
-    steps = math.ceil(len(train) / variant.batch_size)
-    with get_strategy(params.train.distribute).scope():
+    strategy = get_strategy(params.train.distribute)
+    steps = math.ceil(len(train) / global_batch_size(variant.batch_size, strategy))
+    with strategy.scope():
         model = compile_model(build_model(variant, params), variant, steps, epochs)
     history = fit_arrays(model, variant, params, train.x, train.y, val.x, val.y, epochs, cbs, verbose)
     return model, history, predict(model, val.x)
@@ -179,8 +199,9 @@ def fit_end_to_end(variant: VariantParams, params: Params, train: CachedSplit, v
 def fit_on_features(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int) -> Fitted:
     """The seed's two-step transfer: backbone features computed once, a head fitted on them, then
     one composed model pixels → backbone → head; returns (model, history, val_prob)."""
-    steps = math.ceil(len(train) / variant.batch_size)
-    with get_strategy(params.train.distribute).scope():
+    strategy = get_strategy(params.train.distribute)
+    steps = math.ceil(len(train) / global_batch_size(variant.batch_size, strategy))
+    with strategy.scope():
         extractor = backbone_features(variant, params.transfer)
         head = compile_model(feature_head(extractor.output.shape[-1]), variant, steps, epochs)
     f_train, f_val = predict_features(extractor, train.x), predict_features(extractor, val.x)
@@ -190,7 +211,7 @@ def fit_on_features(variant: VariantParams, params: Params, train: CachedSplit, 
 
 def predict_features(extractor: keras.Model, x: np.ndarray) -> np.ndarray:
     """Flattened backbone features, float32 (N, F), computed once per image."""
-    return extractor.predict(make_dataset(x, None, PREDICT_BATCH), verbose=0)
+    return extractor.predict(_predict_dataset(extractor, x), verbose=0)
 
 
 def train_variant(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit,
@@ -200,6 +221,7 @@ def train_variant(variant: VariantParams, params: Params, train: CachedSplit, va
     Writes only `live_dir` (DVCLive's per-epoch plots and metrics.json) when given.
     """
     epochs = check_inputs(variant, params, train, val)
+    get_strategy(params.train.distribute)  # first: a multi-worker strategy must precede other TensorFlow work
     keras.backend.clear_session()
     set_determinism(params.seed)
     configure_precision(params.train.mixed_precision)
