@@ -84,29 +84,12 @@ def real_project_clean() -> tuple[bool, str]:
 
 
 def build_tiny(folder: Path) -> tuple[Path, float]:
-    """The tests' tiny pipeline (tests/conftest.py tiny_params + tests/synth.py), reproduced once."""
-    from conftest import tiny_params  # the same shrunken params.yaml the end-to-end tests use
-    from synth import Counts, make_archive
+    """The tests' tiny pipeline (tests/conftest.py build_tiny_pipeline), reproduced once."""
+    from conftest import build_tiny_pipeline
 
-    archive = make_archive(folder / "archive.zip", counts={"train": Counts(normal=8, bacteria=6, virus=5), "test": Counts(normal=4, bacteria=3, virus=3)})
-    work = folder / "origin"
-    work.mkdir()
-    for name in ("dvc.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, work / name)
-    for sub in ("cxr", "stages"):
-        shutil.copytree(ROOT / sub, work / sub, ignore=shutil.ignore_patterns("__pycache__"))
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(archive), sort_keys=False))
-    sh(work, "git", "init", "-q", "-b", "main")
-    sh(work, DVC, "init", "-q")
-    sh(work, DVC, "config", "core.analytics", "false")
-    sh(work, "git", "add", "-A")
-    sh(work, "git", "commit", "-qm", "tiny project")
     start = time.perf_counter()
-    sh(work, DVC, "repro")
-    seconds = time.perf_counter() - start
-    sh(work, "git", "add", "-A")
-    sh(work, "git", "commit", "-qm", "first run")
-    return work, seconds
+    work, _ = build_tiny_pipeline(folder)
+    return work, time.perf_counter() - start
 
 
 def scratch_copy(origin: Path, dest: Path) -> Path:

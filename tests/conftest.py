@@ -74,19 +74,19 @@ class TinyPipeline:
         return dest
 
 
-@pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
+def build_tiny_pipeline(folder: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """A git+DVC copy of the project with tiny params and a synthetic archive, after one
+    `dvc repro`, committed. Used by the tiny_pipeline fixture and bench/bench_repro.py."""
     import yaml
     from synth import Counts, make_archive
 
-    tmp = tmp_path_factory.mktemp("pipeline")
-    archive = make_archive(tmp / "archive.zip", counts={"train": Counts(normal=8, bacteria=6, virus=5), "test": Counts(normal=4, bacteria=3, virus=3)})
-    work = tmp / "origin"
+    archive = make_archive(folder / "archive.zip", counts={"train": Counts(normal=8, bacteria=6, virus=5), "test": Counts(normal=4, bacteria=3, virus=3)})
+    work = folder / "origin"
     work.mkdir()
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, work / name)
-    for folder in ("cxr", "stages"):
-        shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("cxr", "stages"):
+        shutil.copytree(ROOT / sub, work / sub, ignore=shutil.ignore_patterns("__pycache__"))
     (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(archive), sort_keys=False))
     sh(work, "git", "init", "-q", "-b", "main")
     sh(work, DVC, "init", "-q")
@@ -96,4 +96,10 @@ def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
     first = sh(work, DVC, "repro")
     sh(work, "git", "add", "-A")
     sh(work, "git", "commit", "-qm", "first run")
+    return work, first
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> TinyPipeline:
+    work, first = build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
     return TinyPipeline(work, first.stdout + first.stderr)
