@@ -113,52 +113,35 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path | str, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary sibling file for writing; it replaces `final` only if the block succeeds."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(final)
-    fd, tmp_name = tempfile.mkstemp(prefix=_tag(final), suffix=".tmp", dir=final.parent)
+def atomic_path(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to `final` for libraries that write by path (Keras, numpy);
+    it replaces `final` only if the block succeeds."""
+    dest = Path(final)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(dest)
+    # The suffix keeps the extension: Keras picks the format from it.
+    fd, tmp_name = tempfile.mkstemp(prefix=_tag(dest), suffix=f".tmp{dest.suffix}", dir=dest.parent)
+    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
         _publish_mode(tmp)
-        os.replace(tmp, final)
+        os.replace(tmp, dest)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        error = _no_space(final, exc)
+        error = _no_space(dest, exc)
         if error is exc:
             raise
         raise error from None
 
 
-def atomic_path(final: Path | str) -> contextlib.AbstractContextManager[Path]:
-    """Yield a temporary path next to `final` for libraries that write by path (Keras, numpy)."""
-
-    @contextlib.contextmanager
-    def _cm() -> Iterator[Path]:
-        dest = Path(final)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(dest)
-        # The suffix keeps the extension: Keras picks the format from it.
-        fd, tmp_name = tempfile.mkstemp(prefix=_tag(dest), suffix=f".tmp{dest.suffix}", dir=dest.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            yield tmp
-            _publish_mode(tmp)
-            os.replace(tmp, dest)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            error = _no_space(dest, exc)
-            if error is exc:
-                raise
-            raise error from None
-
-    return _cm()
+@contextlib.contextmanager
+def atomic_file(final: Path | str, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary sibling file for writing; it replaces `final` only if the block succeeds."""
+    with atomic_path(final) as tmp, open(tmp, mode) as fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_json(path: Path | str, data: Any) -> None:
