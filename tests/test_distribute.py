@@ -18,18 +18,18 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import pandas as pd
 import pytest
 import tensorflow as tf
 import yaml
 
 from cxr import distribute
 from cxr import params as cxr_params
-from cxr.cache import CachedSplit, cache_dir, labels_of, write_split
+from cxr.cache import cache_dir, write_split
 from cxr.distribute import Task, configure_precision, get_strategy, global_batch_size, read_tf_config
 from cxr.errors import CxrError
 from cxr.models import build_model, compile_model
 from cxr.training import epoch_batches, train_variant
+from model.conftest import tiny_split  # the model tests' tiny labelled images
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distribute_worker.py"
@@ -52,37 +52,13 @@ def raw_params(distribute_mode: str = "none", batch_size: int = PER_REPLICA, epo
     return raw
 
 
-def synthetic_split(n: int, seed: int) -> CachedSplit:
-    """n noisy 32 px images, every other one with a bright blob (pneumonia)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    x = np.empty((n, SIZE, SIZE, 1), np.uint8)
-    labels = []
-    for i in range(n):
-        img = 60 + rng.normal(0, 10, (SIZE, SIZE))
-        if i % 2:
-            cy, cx = rng.uniform(0.3, 0.7, 2)
-            img += 150 * np.exp(-(((yy - cy) / 0.2) ** 2 + ((xx - cx) / 0.2) ** 2))
-        x[i, :, :, 0] = np.clip(img, 0, 255).astype(np.uint8)
-        labels.append("PNEUMONIA" if i % 2 else "NORMAL")
-    rows = pd.DataFrame({
-        "path": [f"data/raw/chest_xray/train/{label}/s{seed}_{i}.jpeg" for i, label in enumerate(labels)],
-        "label": labels,
-        "subtype": ["bacteria" if label == "PNEUMONIA" else "normal" for label in labels],
-        "patient_id": [f"p{seed}_{i}" for i in range(n)],
-        "split": "train",
-        "sha256": [f"{seed:04d}{i:060d}" for i in range(n)],
-    })
-    return CachedSplit(x=x, y=labels_of(rows), rows=rows)
-
-
 def make_project(folder: Path, raw: dict) -> Path:
     """A project folder with params.yaml and the 32 px train/val cache, as `dvc pull` would leave it."""
     folder.mkdir(parents=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     cache = cache_dir(folder / "data" / "processed", SIZE)
     for split, n, seed in (("train", N_TRAIN, 1), ("val", N_VAL, 2)):
-        data = synthetic_split(n, seed)
+        data = tiny_split(n, size=SIZE, seed=seed)
         write_split(cache, split, data.x, data.rows)
     return folder
 
@@ -250,7 +226,7 @@ def test_mirrored_one_replica_trains_like_no_strategy(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     if tf.config.list_logical_devices("GPU"):
         pytest.skip("one-replica MirroredStrategy needs a machine without GPUs")
-    train, val = synthetic_split(N_TRAIN, 1), synthetic_split(N_VAL, 2)
+    train, val = tiny_split(N_TRAIN, size=SIZE, seed=1), tiny_split(N_VAL, size=SIZE, seed=2)
     runs = {}
     for mode in ("none", "mirrored"):
         params = cxr_params.parse(raw_params(mode, batch_size=8, epochs=2))
