@@ -68,27 +68,3 @@ def load_split(folder: Path | str, split: str, mmap: bool = True) -> CachedSplit
 
 def cache_dir(root: Path | str, size: int) -> Path:
     return Path(root) / str(size)
-
-
-def make_dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, shuffle: bool = False, seed: int = 0, repeat: bool = False):
-    """A `tf.data` pipeline of float32 pixels in [0, 255] (models rescale themselves).
-
-    Shuffling is seeded and reshuffles each epoch deterministically; batches are prefetched.
-    """
-    import tensorflow as tf
-
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    x = np.asarray(x)
-    ds = tf.data.Dataset.from_tensor_slices((x, y) if y is not None else x)
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
-
-    def to_float(*item):
-        if len(item) == 2:
-            return tf.cast(item[0], tf.float32), tf.cast(item[1], tf.float32)
-        return tf.cast(item[0], tf.float32)
-
-    return ds.batch(batch_size).map(to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)

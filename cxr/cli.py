@@ -17,10 +17,14 @@ import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cxr.errors import CxrError, run_main
+
+if TYPE_CHECKING:
+    import numpy as np
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 FORMATS = ("table", "json", "csv")
@@ -111,22 +115,19 @@ def gradcam_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def write_gradcams(rows: list[dict[str, Any]], paths: list[Path], loaded: Any, out_dir: Path, cam: Any) -> int:
-    """Write one overlay per successfully predicted image; fills each row's `gradcam` path."""
+def gradcam_writer(paths: list[Path], out_dir: Path, cam: Any) -> tuple[Callable[[int, np.ndarray], None], dict[int, str]]:
+    """An `on_image` callback for `predict_files` writing one overlay per decoded image, and the
+    {index: overlay path} it fills."""
     from cxr.gradcam import overlay, write_overlay
-    from cxr.images import load_resized
 
-    size, written = loaded.image_size, 0
-    for row, path, name in zip(rows, paths, gradcam_names(paths)):
-        row["gradcam"] = None
-        if row["error"] is not None:
-            continue
-        img = load_resized(path, [size], loaded.resize)[size]
-        target = out_dir / name
+    names, written = gradcam_names(paths), {}
+
+    def write(i: int, img: np.ndarray) -> None:
+        target = out_dir / names[i]
         write_overlay(target, overlay(img, cam(img)))
-        row["gradcam"] = str(target)
-        written += 1
-    return written
+        written[i] = str(target)
+
+    return write, written
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -164,15 +165,17 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if not paths:
         parser.error(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, args.paths))}")
     loaded = load_model(resolve_model(args.variant, args.model, project_root()))
-    cam = None
+    on_image, overlays = None, {}
     if args.gradcam is not None:
         from cxr.gradcam import GradCam
 
-        cam = GradCam(loaded.model)  # fails now, before any work, for a model without convolutions
-    rows = [p.as_dict() for p in predict_files(paths, loaded, args.batch_size)]
-    if cam is not None:
-        written = write_gradcams(rows, paths, loaded, args.gradcam, cam)
-        print(f"wrote {written} Grad-CAM overlay(s) to {args.gradcam}", file=sys.stderr)
+        # GradCam fails now, before any work, for a model without convolutions
+        on_image, overlays = gradcam_writer(paths, args.gradcam, GradCam(loaded.model))
+    rows = [p.as_dict() for p in predict_files(paths, loaded, args.batch_size, on_image)]
+    if on_image is not None:
+        for i, row in enumerate(rows):
+            row["gradcam"] = overlays.get(i)
+        print(f"wrote {len(overlays)} Grad-CAM overlay(s) to {args.gradcam}", file=sys.stderr)
     sys.stdout.write(FORMATTERS[args.format](rows))
     sys.stdout.flush()
     failed = sum(r["error"] is not None for r in rows)

@@ -13,14 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from cxr.constants import RESIZE_MODES
 from cxr.errors import CxrError, run_main
-
-RESIZE_MODES = ("squash", "pad")
 # Pillow refuses images above ~179 MP by default; a real chest X-ray is under 10 MP.
 MAX_PIXELS = 50_000_000
 MIN_SIDE = 8
-# Large JPEGs decode at a reduced DCT scale whose sides stay ≥ this. It is a constant, not the
-# caller's size, so preprocess (all sizes at once) and `cxr predict` (one size) get the same pixels.
+# Large JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8) whose sides stay ≥ max(this, size):
+# the scale depends on the file and that one size only, never on which other sizes were asked for.
 DRAFT_MIN_SIDE = 256
 
 
@@ -94,17 +93,28 @@ def resize(img: Image.Image, size: int, mode: str = "squash") -> np.ndarray:
     return np.asarray(out, dtype=np.uint8)[:, :, None]
 
 
+def draft_side(size: int) -> int:
+    """The smallest side a JPEG may be decoded at for an output of `size` px."""
+    return max(DRAFT_MIN_SIDE, size)
+
+
 def load_resized(path: Path | str, sizes: list[int] | tuple[int, ...], mode: str = "squash") -> dict[int, np.ndarray]:
-    """Decode `path` once and return {size: uint8 (size, size, 1)} for every requested size."""
+    """Decode `path` and return {size: uint8 (size, size, 1)} for every requested size.
+
+    The pixels at a size do not depend on the other sizes requested: each size is decoded at
+    the DCT scale it would get alone (`draft_side`). Sizes with the same draft request (all
+    sizes ≤ 256 px) share one decode, so the pipeline's usual sizes decode each file once.
+    """
     if not sizes:
         raise ValueError("need at least one size")
-    img = open_image(path, draft_size=max(DRAFT_MIN_SIDE, *sizes))
-    return {s: resize(img, s, mode) for s in sizes}
-
-
-def load_batch(paths: list[Path | str], size: int, mode: str = "squash") -> np.ndarray:
-    """Several files at one size, stacked (N, size, size, 1); raises on the first bad file."""
-    return np.stack([load_resized(p, [size], mode)[size] for p in paths]) if paths else np.zeros((0, size, size, 1), np.uint8)
+    decoded: dict[int, Image.Image] = {}
+    out: dict[int, np.ndarray] = {}
+    for s in sizes:
+        side = draft_side(s)
+        if side not in decoded:
+            decoded[side] = open_image(path, draft_size=side)
+        out[s] = resize(decoded[side], s, mode)
+    return out
 
 
 def main() -> int:

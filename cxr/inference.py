@@ -10,7 +10,6 @@ same decoder preprocess uses, so a file gets the same probability here as in eva
 
 from __future__ import annotations
 
-import json
 import os
 import weakref
 import zipfile
@@ -22,35 +21,34 @@ from typing import Any
 
 import numpy as np
 
+from cxr import sidecar
+from cxr.constants import NEGATIVE, POSITIVE
 from cxr.errors import CxrError
-from cxr.images import RESIZE_MODES, ImageError, load_resized
+from cxr.images import ImageError, load_resized
 
-POSITIVE, NEGATIVE = "PNEUMONIA", "NORMAL"
-# Keys of the sidecar that inference needs (design.md lists the full sidecar).
-REQUIRED_META = ("image_size", "resize", "threshold")
 # model → its compiled inference function (see _forward); dropped with the model
 _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A Keras model and its sidecar metadata (`models/<v>.json`)."""
+    """A Keras model and its sidecar (`models/<v>.json`)."""
 
     model: Any  # keras.Model
-    meta: dict[str, Any]
+    meta: sidecar.Sidecar
     path: Path | None = None
 
     @property
     def image_size(self) -> int:
-        return int(self.meta["image_size"])
+        return self.meta.image_size
 
     @property
     def resize(self) -> str:
-        return str(self.meta["resize"])
+        return self.meta.resize
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"])
+        return self.meta.threshold
 
 
 @dataclass(frozen=True)
@@ -71,64 +69,28 @@ class Prediction:
         return {"path": self.path, "probability": self.probability, "label": self.label, "threshold": self.threshold, "error": self.error}
 
 
-def _fix_hint(path: Path) -> str:
-    if path.parent.name == "models":  # a pipeline output: DVC can rebuild or fetch it
-        return f"rerun `dvc repro train@{path.stem}` or `dvc pull {path}`"
-    return "pass a model written by `dvc repro train@<variant>` (models/<variant>.keras with its .json)"
-
-
-def sidecar_path(model_path: Path | str) -> Path:
-    """`models/<v>.keras` → `models/<v>.json`."""
-    return Path(model_path).with_suffix(".json")
-
-
-def read_meta(model_path: Path | str) -> dict[str, Any]:
-    """Read and check the sidecar next to `model_path`."""
-    model_path = Path(model_path)
-    side = sidecar_path(model_path)
-    if not side.is_file():
-        raise CxrError(f"{side}: sidecar of {model_path} not found; {_fix_hint(model_path)}")
-    try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
-        raise CxrError(f"{side}: not valid JSON ({reason}); {_fix_hint(model_path)}") from None
-    if not isinstance(meta, dict):
-        raise CxrError(f"{side}: expected a JSON object; {_fix_hint(model_path)}")
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise CxrError(f"{side}: missing key(s) {', '.join(missing)}; {_fix_hint(model_path)}")
-    size, threshold = meta["image_size"], meta["threshold"]
-    if meta["resize"] not in RESIZE_MODES:
-        raise CxrError(f"{side}: resize must be one of {', '.join(RESIZE_MODES)}, got {meta['resize']!r}; {_fix_hint(model_path)}")
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-        raise CxrError(f"{side}: image_size must be a positive integer, got {size!r}; {_fix_hint(model_path)}")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
-        raise CxrError(f"{side}: threshold must be a number in [0, 1], got {threshold!r}; {_fix_hint(model_path)}")
-    return meta
-
-
 def load_model(path: Path | str) -> LoadedModel:
     """Load `models/<v>.keras` safely (no compile) and its sidecar; CxrError if either is unusable."""
     import keras
 
     path = Path(path)
+    hint = sidecar.fix_hint(path)
     if not path.is_file():
-        raise CxrError(f"{path}: model file not found; {_fix_hint(path)}")
+        raise CxrError(f"{path}: model file not found; {hint}")
     if path.suffix != ".keras":
         raise CxrError(f"{path}: not a .keras model file; pass models/<variant>.keras")
-    meta = read_meta(path)
+    meta = sidecar.read(path)
     if not zipfile.is_zipfile(path):
-        raise CxrError(f"{path}: not a Keras archive (damaged or tampered); {_fix_hint(path)}")
+        raise CxrError(f"{path}: not a Keras archive (damaged or tampered); {hint}")
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as exc:  # Keras raises many types (ValueError, KeyError, OSError, TypeError) for bad archives
         reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise CxrError(f"{path}: cannot load model ({reason}); {_fix_hint(path)}") from None
+        raise CxrError(f"{path}: cannot load model ({reason}); {hint}") from None
     shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else None
-    size = int(meta["image_size"])
+    size = meta.image_size
     if shape is not None and tuple(shape[1:]) not in ((size, size, 1), (None, None, 1)):
-        raise CxrError(f"{path}: model input {shape[1:]} does not match sidecar image_size {size}; {_fix_hint(path)}")
+        raise CxrError(f"{path}: model input {shape[1:]} does not match sidecar image_size {size}; {hint}")
     return LoadedModel(model=model, meta=meta, path=path)
 
 
@@ -153,26 +115,33 @@ def _forward(model: Any) -> Callable[[Any], Any]:
     return fn
 
 
-def predict_arrays(model: Any, x_uint8: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """P(pneumonia) for uint8 images (N, S, S, 1), as float64 (N,).
-
-    Batches go through one compiled inference function (deterministic: inference mode, fixed
-    batch order); a file gets the same probability whatever batch it is in.
-    """
+def forward_arrays(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The model's outputs (N, ...) as float64 for its inputs x (N, ...), in batches through one
+    compiled inference function; `predict_arrays` is this for a probability model."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    x = np.asarray(x_uint8)
-    if x.ndim != 4 or x.shape[-1] != 1:
-        raise ValueError(f"expected images shaped (N, S, S, 1), got {x.shape}")
+    x = np.asarray(x)
+    expected = tuple(model.inputs[0].shape[1:])
+    if x.ndim != len(expected) + 1 or any(e is not None and e != g for e, g in zip(expected, x.shape[1:])):
+        raise ValueError(f"expected inputs shaped (N, {', '.join('?' if e is None else str(e) for e in expected)}), got {x.shape}")
     if len(x) == 0:
-        return np.zeros((0,), dtype=np.float64)
+        return np.zeros((0, *model.outputs[0].shape[1:]), dtype=np.float64)
     forward = _forward(model)
-    out = []
-    for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size].astype(np.float32)
-        probs = np.asarray(forward(batch), dtype=np.float64)
-        out.append(probs.reshape(len(batch), -1)[:, 0])
+    out = [np.asarray(forward(x[start : start + batch_size].astype(np.float32)), dtype=np.float64) for start in range(0, len(x), batch_size)]
     return np.concatenate(out)
+
+
+def predict_arrays(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """P(pneumonia) for a model's inputs — uint8 images (N, S, S, 1), or the feature vectors of
+    a feature head — as float64 (N,).
+
+    THE forward pass: training's threshold and early stopping, evaluation, the report and
+    `cxr predict` all call it. Batches go through one compiled inference function
+    (deterministic: inference mode, fixed batch order); an input gets the same probability
+    whatever batch it is in.
+    """
+    out = forward_arrays(model, x, batch_size)
+    return out.reshape(len(out), -1)[:, 0] if len(out) else np.zeros((0,), np.float64)
 
 
 def label_of(probability: float, threshold: float) -> str:
@@ -208,28 +177,35 @@ def load_images(paths: list[Path | str], size: int, resize: str) -> tuple[np.nda
         return _stack(list(pool.map(lambda p: decode(p, size, resize), paths)), size)
 
 
-def predict_files(paths: list[Path | str], loaded: LoadedModel, batch_size: int = 64) -> list[Prediction]:
+def predict_files(paths: list[Path | str], loaded: LoadedModel, batch_size: int = 64,
+                  on_image: Callable[[int, np.ndarray], None] | None = None) -> list[Prediction]:
     """Predict each file; a file that cannot be decoded gets `error` and the others still run.
 
     Files are decoded one batch ahead in worker threads while the model runs on the current
     batch, so decoding and inference overlap and memory stays bounded for any number of files.
+    `on_image(i, image)` is called with each decoded image (uint8 (S, S, 1), `paths[i]`), so a
+    caller needing the pixels too (Grad-CAM) does not decode the file a second time.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     size, resize, threshold = loaded.image_size, loaded.resize, loaded.threshold
-    chunks = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
     out: list[Prediction] = []
     with ThreadPoolExecutor(_workers()) as pool:
-        submit = lambda chunk: [pool.submit(decode, p, size, resize) for p in chunk]  # noqa: E731
+        submit = lambda chunk: [pool.submit(decode, paths[i], size, resize) for i in chunk]  # noqa: E731
         pending = submit(chunks[0]) if chunks else []
-        for i, chunk in enumerate(chunks):
+        for n, chunk in enumerate(chunks):
             x, errors = _stack([f.result() for f in pending], size)
-            pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else []
-            probs = iter(predict_arrays(loaded.model, x, batch_size))
-            for p, err in zip(chunk, errors):
+            pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
+            probs = predict_arrays(loaded.model, x, batch_size)
+            good = 0
+            for i, err in zip(chunk, errors):
                 if err is not None:
-                    out.append(Prediction(str(p), None, None, threshold, err))
-                else:
-                    prob = float(next(probs))
-                    out.append(Prediction(str(p), prob, label_of(prob, threshold), threshold))
+                    out.append(Prediction(str(paths[i]), None, None, threshold, err))
+                    continue
+                prob = float(probs[good])
+                out.append(Prediction(str(paths[i]), prob, label_of(prob, threshold), threshold))
+                if on_image is not None:
+                    on_image(i, x[good])
+                good += 1
     return out

@@ -149,8 +149,3 @@ def write_json(path: Path | str, data: Any) -> None:
     with atomic_file(path) as fh:
         json.dump(data, fh, indent=2, sort_keys=False)
         fh.write("\n")
-
-
-def read_json(path: Path | str) -> Any:
-    with open(path) as fh:
-        return json.load(fh)

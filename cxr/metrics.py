@@ -32,7 +32,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from cxr.errors import run_main
+from cxr.errors import CxrError, run_main
+from cxr.params import parse_threshold_rule
 
 SUBTYPES = ("bacteria", "virus")
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
@@ -136,6 +137,51 @@ def youden_threshold(y: Any, p: Any) -> float:
     candidates = thresholds[finite][np.isclose(j, j.max(), rtol=0, atol=1e-12)]
     # thresholds are decreasing, so argmin picks the higher one of two equally close to 0.5
     return float(candidates[np.argmin(np.abs(candidates - 0.5))])
+
+
+def sensitivity_threshold(y: Any, p: Any, target: float) -> float:
+    """The highest threshold whose sensitivity on (y, p) is at least `target` (the screening rule:
+    as many normals as possible called normal while missing at most 1 − target of pneumonias)."""
+    y, p = check_inputs(y, p)
+    if not np.any(y == 1):
+        raise ValueError("the sensitivity rule needs pneumonia images (validation has none)")
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    reached = np.flatnonzero(np.isfinite(thresholds) & (tpr >= target - 1e-12))
+    return float(thresholds[reached[0]])  # thresholds decrease: the first reaching it is the highest
+
+
+def platt_scaling(y: Any, p: Any) -> tuple[float, float]:
+    """(a, b) of Platt scaling, P(pneumonia) ≈ sigmoid(a · logit(p) + b), fitted by scikit-learn's
+    (L2-regularised) logistic regression on (y, p)."""
+    from sklearn.linear_model import LogisticRegression
+
+    y, p = check_inputs(y, p)
+    if not both_classes(y):
+        raise ValueError("Platt scaling needs both normal and pneumonia images")
+    z = np.log(np.clip(p, 1e-7, 1 - 1e-7) / np.clip(1 - p, 1e-7, 1 - 1e-7)).reshape(-1, 1)
+    fit = LogisticRegression().fit(z, y)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def calibrated_threshold(y: Any, p: Any, level: float = 0.5) -> float:
+    """The raw probability at which the Platt-calibrated probability equals `level`."""
+    a, b = platt_scaling(y, p)
+    if a <= 0:
+        raise CxrError("Platt scaling found no increasing relation between the model's output and the labels; "
+                       "use train.threshold_rule: youden")
+    logit = (math.log(level / (1 - level)) - b) / a
+    return float(1 / (1 + math.exp(-logit)))
+
+
+def choose_threshold(rule: str, y: Any, p: Any) -> float:
+    """The decision threshold by `train.threshold_rule` on (y, p): youden, sensitivity:<target> or
+    calibrated_0.5 (see cxr.params.parse_threshold_rule)."""
+    kind, value = parse_threshold_rule(rule)
+    if kind == "youden":
+        return youden_threshold(y, p)
+    if kind == "sensitivity":
+        return sensitivity_threshold(y, p, value)
+    return calibrated_threshold(y, p, value)
 
 
 def sensitivity_by_subtype(y: Any, p: Any, subtypes: Any, threshold: float) -> dict[str, float | None]:

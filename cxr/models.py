@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import keras
 from keras import layers
 
 from cxr.errors import CxrError, run_main
-from cxr.params import BACKBONES, MODELS, Params, TransferParams, VariantParams
+from cxr.params import BACKBONES, MODEL_EXTRAS, Params, TransferParams, VariantParams
 
 BACKBONE_NAME = "backbone"
 AUGMENT_NAME = "augment"
@@ -153,8 +152,6 @@ def make_backbone(variant: VariantParams, transfer: TransferParams, alpha_key: s
     copied into the model at the variant's size, since Keras only ships some sizes.
     """
     backbone, alpha, weights = transfer.backbone, float(transfer.alpha), transfer.weights
-    if backbone not in BACKBONES:
-        raise CxrError(f"params.yaml transfer.backbone: unknown backbone '{backbone}'; use one of {', '.join(BACKBONES)}")
     path = None
     if weights not in ("imagenet", "none"):
         path = Path(weights)
@@ -296,38 +293,30 @@ def _trainable_from(base: keras.Model, value: Any, variant: VariantParams) -> in
 
 
 def build_modern(variant: VariantParams, transfer: TransferParams, seed: int) -> keras.Model:
-    """MobileNetV2 fine-tuned from `trainable_from`, BatchNorm in inference mode, GAP → Dropout → 1.
+    """Its own ImageNet backbone (`backbone`, `alpha`; MobileNetV2 α0.5 by default) fine-tuned from
+    `trainable_from`, BatchNorm in inference mode, GAP → Dropout → 1.
 
-    Extras (params.yaml variants.<name>): alpha (0.5), trainable_from (all), dropout (0.2),
-    augment_strength (1.0; used when augment is true); label_smoothing, weight_decay and
+    Extras (params.yaml variants.<name>, checked in cxr.params, defaults in MODEL_EXTRAS):
+    augment_strength (used when augment is true); label_smoothing, weight_decay and
     warmup_fraction are read by `compile_model` / `make_optimizer`.
     """
-    extra = variant.extra
-    alpha = extra.get("alpha", 0.5)
-    dropout = extra.get("dropout", 0.2)
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise CxrError(f"params.yaml variants.{variant.name}.dropout: must be in [0, 1), got {dropout!r}")
-    strength = extra.get("augment_strength", 1.0)
-    if not isinstance(strength, (int, float)) or not 0 < strength <= 5:
-        raise CxrError(f"params.yaml variants.{variant.name}.augment_strength: must be in (0, 5], got {strength!r}")
-    backbone_params = replace(transfer, backbone="mobilenet_v2", alpha=alpha)
+    backbone_params = variant.backbone(transfer)
     inputs = _inputs(variant)
-    x = augmentation(seed, "light", strength)(inputs) if variant.augment else inputs
+    x = augmentation(seed, "light", variant.option("augment_strength"))(inputs) if variant.augment else inputs
     base = make_backbone(variant, backbone_params, alpha_key=f"variants.{variant.name}.alpha")
-    start = _trainable_from(base, extra.get("trainable_from"), variant)
+    start = _trainable_from(base, variant.option("trainable_from"), variant)
     for i, layer in enumerate(base.layers):
         layer.trainable = i >= start
     freeze_batchnorm(base)
-    x = base(backbone_preprocessing("mobilenet_v2", x), training=False)
+    x = base(backbone_preprocessing(backbone_params.backbone, x), training=False)
     x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(dropout, seed=seed)(x)
+    x = layers.Dropout(variant.option("dropout"), seed=seed)(x)
     return keras.Model(inputs, _output(x), name=variant.name)
 
 
 def build_model(variant: VariantParams, params: Params) -> keras.Model:
-    """The (uncompiled) model for `variant`; transfer variants use `params.transfer`."""
-    if variant.model not in MODELS:
-        raise CxrError(f"params.yaml variants.{variant.name}.model: unknown model '{variant.model}'; use one of {', '.join(MODELS)}")
+    """The (uncompiled) model for `variant` (params.yaml was checked by cxr.params); transfer
+    variants use `params.transfer`."""
     if variant.model == "dense":
         return build_dense(variant, params.seed)
     if variant.model == "cnn":
@@ -347,9 +336,7 @@ def make_optimizer(variant: VariantParams, steps_per_epoch: int, epochs: int) ->
     lr: Any = float(variant.learning_rate)
     if variant.model == "modern":
         total = max(1, steps_per_epoch * epochs)
-        fraction = variant.extra.get("warmup_fraction", 0.1)
-        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise CxrError(f"params.yaml variants.{variant.name}.warmup_fraction: must be in [0, 1), got {fraction!r}")
+        fraction = variant.option("warmup_fraction")
         warmup = min(total - 1, math.ceil(fraction * total))
         lr = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0 if warmup else lr, decay_steps=total - warmup, warmup_target=lr if warmup else None, warmup_steps=warmup
@@ -361,16 +348,13 @@ def make_optimizer(variant: VariantParams, steps_per_epoch: int, epochs: int) ->
         return keras.optimizers.RMSprop(learning_rate=lr)
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
-    if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(variant.extra.get("weight_decay", 1e-4)))
-    raise CxrError(f"params.yaml variants.{variant.name}.optimizer: unknown optimizer '{name}'; use sgd, rmsprop, adam or adamw")
+    # adamw (cxr.params allows only these four)
+    return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(variant.extra.get("weight_decay", MODEL_EXTRAS["modern"]["weight_decay"])))
 
 
 def compile_model(model: keras.Model, variant: VariantParams, steps_per_epoch: int, epochs: int) -> keras.Model:
     """Binary cross-entropy (optional label_smoothing extra), AUC named "auc", accuracy."""
-    smoothing = variant.extra.get("label_smoothing", 0.0)
-    if not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
-        raise CxrError(f"params.yaml variants.{variant.name}.label_smoothing: must be in [0, 1), got {smoothing!r}")
+    smoothing = variant.option("label_smoothing") if variant.model in MODEL_EXTRAS else 0.0
     model.compile(
         optimizer=make_optimizer(variant, steps_per_epoch, epochs),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=float(smoothing)),

@@ -8,54 +8,99 @@ with a message naming the key.
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cxr.errors import CxrError, run_main
+from cxr.constants import RESIZE_MODES
 
 PARAMS_FILE = Path("params.yaml")
+# With this variable set to a file, every params key a process reads is appended to it at exit
+# ("<argv>\t<key>" lines); tests/test_dag.py checks those keys against dvc.yaml's `params:`.
+TRACE_ENV = "CXR_PARAMS_TRACE"
+_read_keys: set[str] = set()
+_tracing: list[str] = []  # the trace file, once registered
+
+
+def _trace_to(path: str) -> None:
+    if _tracing:
+        return
+    _tracing.append(path)
+
+    def flush() -> None:
+        with open(path, "a") as fh:
+            fh.writelines(f"{' '.join(sys.argv)}\t{key}\n" for key in sorted(_read_keys))
+
+    atexit.register(flush)
+
+
+class _Traced:
+    """Records each field read as `<section>.<field>` (the section is set by `parse`), so the
+    keys a stage really reads can be compared with what dvc.yaml declares."""
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if name in type(self).__dataclass_fields__ and name != "name":
+            section = object.__getattribute__(self, "__dict__").get("_section")
+            if section:
+                # a variant's free-form extras are one key each, but read as a mapping: count the whole variant
+                _read_keys.add(section if name == "extra" else f"{section}.{name}")
+        return value
+
+
+def _sectioned(obj: Any, section: str) -> Any:
+    object.__setattr__(obj, "_section", section)
+    return obj
 
 MODELS = ("dense", "cnn", "transfer_features", "transfer_frozen", "transfer_finetuned", "modern")
 BACKBONES = ("vgg19", "vgg16", "mobilenet_v2", "mobilenet", "densenet121")
 OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
 SPLIT_STRATEGIES = ("patient_grouped", "seed")
-RESIZE_MODES = ("squash", "pad")
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
 # The seed's CNN pools four times after 3×3 convolutions: below 46 px nothing is left.
 MIN_MODEL_SIZE = {"cnn": 46}
-# Knobs a builder reads beyond the common variant keys (see cxr/models.py).
-MODEL_EXTRAS = {
-    "modern": {"alpha", "dropout", "trainable_from", "weight_decay", "label_smoothing", "augment_strength", "warmup_fraction"},
+# Knobs a builder reads beyond the common variant keys (see cxr/models.py), with their defaults.
+MODEL_EXTRAS: dict[str, dict[str, Any]] = {
+    "modern": {"backbone": "mobilenet_v2", "alpha": 0.5, "dropout": 0.2, "trainable_from": None, "weight_decay": 1e-4,
+               "label_smoothing": 0.0, "augment_strength": 1.0, "warmup_fraction": 0.1},
 }
+# Models built on an ImageNet backbone: `transfer.*` gives its name and width unless the variant has its own.
+BACKBONE_MODELS = ("transfer_features", "transfer_frozen", "transfer_finetuned", "modern")
+# train.threshold_rule: youden | sensitivity:<target> | calibrated_0.5 (see cxr.metrics.choose_threshold)
+THRESHOLD_RULES = ("youden", "sensitivity:<target>", "calibrated_0.5")
 # Smallest input each backbone accepts without pooling to nothing (Keras's own checks).
 MIN_BACKBONE_SIZE = {"vgg19": 32, "vgg16": 32, "mobilenet_v2": 32, "mobilenet": 32, "densenet121": 32}
 
 
 @dataclass(frozen=True)
-class FetchParams:
+class FetchParams(_Traced):
     source: str
-    max_uncompressed_mb: int = 4096
+    max_uncompressed_mb: float = 4096
     timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
-class SplitParams:
+class SplitParams(_Traced):
     strategy: str = "patient_grouped"
     val_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
-class PreprocessParams:
+class PreprocessParams(_Traced):
     resize: str = "squash"
     workers: int = 2
 
 
 @dataclass(frozen=True)
-class TrainParams:
+class TrainParams(_Traced):
     patience: int = 4
     threshold_rule: str = "youden"
     use_seed_epochs: bool = False
@@ -64,14 +109,14 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
-class TransferParams:
+class TransferParams(_Traced):
     backbone: str = "mobilenet_v2"
     alpha: float = 0.35
     weights: str = "imagenet"
 
 
 @dataclass(frozen=True)
-class VariantParams:
+class VariantParams(_Traced):
     name: str
     model: str
     image_size: int
@@ -90,6 +135,16 @@ class VariantParams:
     def starts_from_model(self) -> bool:
         return self.init_from.endswith(".keras")
 
+    def option(self, key: str) -> Any:
+        """A model-specific extra (`MODEL_EXTRAS`), or its default when params.yaml omits it."""
+        return self.extra.get(key, MODEL_EXTRAS[self.model][key])
+
+    def backbone(self, transfer: TransferParams) -> TransferParams:
+        """The backbone settings this variant really uses: its own `backbone`/`alpha` (modern) or `transfer`'s."""
+        if "backbone" in MODEL_EXTRAS.get(self.model, {}):
+            return TransferParams(backbone=self.option("backbone"), alpha=self.option("alpha"), weights=transfer.weights)
+        return transfer
+
     def effective_epochs(self, train: TrainParams) -> int:
         if train.use_seed_epochs and self.seed_epochs:
             return self.seed_epochs
@@ -97,13 +152,13 @@ class VariantParams:
 
 
 @dataclass(frozen=True)
-class EvaluateParams:
+class EvaluateParams(_Traced):
     bootstrap_samples: int = 1000
     calibration_bins: int = 10
 
 
 @dataclass(frozen=True)
-class ReportParams:
+class ReportParams(_Traced):
     gradcam_per_outcome: int = 3
 
 
@@ -118,6 +173,11 @@ class Params:
     variants: dict[str, VariantParams]
     evaluate: EvaluateParams
     report: ReportParams
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "seed":  # the other fields are sections, whose own fields are traced
+            _read_keys.add("base.seed")
+        return object.__getattribute__(self, name)
 
     def variant(self, name: str) -> VariantParams:
         if name not in self.variants:
@@ -142,11 +202,39 @@ def _section(raw: dict[str, Any], name: str, required: bool = True) -> dict[str,
     return value
 
 
+def _type_name(kind: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _check_type(value: Any, kind: Any, key: str) -> None:
+    """YAML gives bool/int/float/str: `mixed_precision: "false"` or `epochs: "4"` must not pass as a value."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    for option in options:
+        if option is type(None) and value is None:
+            return
+        if option is bool and isinstance(value, bool):
+            return
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if option is str and isinstance(value, str):
+            return
+        if option not in (bool, int, float, str, type(None)):
+            return  # containers (variants' extras) are checked where they are read
+    wanted = " or ".join(_type_name(o) for o in options if o is not type(None))
+    raise CxrError(f"params.yaml {key}: must be {wanted}, got {value!r}")
+
+
 def _build(cls: type, section: str, values: dict[str, Any], **fixed: Any) -> Any:
     known = set(cls.__dataclass_fields__) - set(fixed)
     unknown = set(values) - known
     if unknown:
         raise CxrError(f"params.yaml {section}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in values:
+            _check_type(values[f.name], hints[f.name], f"{section}.{f.name}")
     try:
         return cls(**values, **fixed)
     except TypeError as exc:  # a required key is missing
@@ -167,6 +255,46 @@ def _positive_int(value: Any, key: str) -> None:
     _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, f"must be a positive integer, got {value!r}")
 
 
+def _number_in(value: Any, key: str, low: float, high: float, closed: str = "[)") -> None:
+    """A number (not a bool) in the interval `low`..`high`; `closed` says which ends belong to it."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (low <= value if closed[0] == "[" else low < value) and (value <= high if closed[1] == "]" else value < high)
+    _check(ok, key, f"must be a number in {closed[0]}{low:g}, {high:g}{closed[1]}, got {value!r}")
+
+
+def parse_threshold_rule(rule: Any) -> tuple[str, float | None]:
+    """`youden` → ("youden", None); `sensitivity:0.97` → ("sensitivity", 0.97); `calibrated_0.5` → ("calibrated", 0.5)."""
+    if rule == "youden":
+        return "youden", None
+    if rule == "calibrated_0.5":
+        return "calibrated", 0.5
+    if isinstance(rule, str) and rule.startswith("sensitivity:"):
+        try:
+            target = float(rule.split(":", 1)[1])
+        except ValueError:
+            target = -1.0
+        if 0 < target <= 1:
+            return "sensitivity", target
+    raise CxrError(f"params.yaml train.threshold_rule: '{rule}' is not one of {', '.join(THRESHOLD_RULES)} (target in (0, 1], e.g. sensitivity:0.97)")
+
+
+def _check_extras(v: VariantParams, key: str) -> None:
+    """The model-specific extras (MODEL_EXTRAS), so a bad value fails before TensorFlow loads."""
+    if v.model != "modern":
+        return
+    _choice(v.option("backbone"), f"{key}.backbone", BACKBONES)
+    _number_in(v.option("alpha"), f"{key}.alpha", 0, 10, "(]")
+    _number_in(v.option("dropout"), f"{key}.dropout", 0, 1)
+    _number_in(v.option("weight_decay"), f"{key}.weight_decay", 0, 1)
+    _number_in(v.option("label_smoothing"), f"{key}.label_smoothing", 0, 1)
+    _number_in(v.option("augment_strength"), f"{key}.augment_strength", 0, 5, "(]")
+    _number_in(v.option("warmup_fraction"), f"{key}.warmup_fraction", 0, 1)
+    start = v.option("trainable_from")
+    _check(start is None or isinstance(start, str) or (isinstance(start, int) and not isinstance(start, bool)), f"{key}.trainable_from",
+           f"must be a backbone layer name or an integer index, got {start!r}")
+
+
 def parse(raw: dict[str, Any]) -> Params:
     """Validate a params mapping (as read from params.yaml) into `Params`."""
     if not isinstance(raw, dict):
@@ -178,10 +306,11 @@ def parse(raw: dict[str, Any]) -> Params:
     fetch = _build(FetchParams, "fetch", _section(raw, "fetch"))
     _check(isinstance(fetch.source, str) and fetch.source.strip() != "", "fetch.source", "must name a URL, zip file or folder")
     _check(fetch.max_uncompressed_mb > 0, "fetch.max_uncompressed_mb", "must be positive")
+    _check(fetch.timeout_s > 0, "fetch.timeout_s", "must be positive")
 
     split = _build(SplitParams, "split", _section(raw, "split"))
     _choice(split.strategy, "split.strategy", SPLIT_STRATEGIES)
-    _check(isinstance(split.val_fraction, (int, float)) and 0 < split.val_fraction < 1, "split.val_fraction", f"must be between 0 and 1 (exclusive), got {split.val_fraction!r}")
+    _check(0 < split.val_fraction < 1, "split.val_fraction", f"must be between 0 and 1 (exclusive), got {split.val_fraction!r}")
 
     pre = _build(PreprocessParams, "preprocess", _section(raw, "preprocess"))
     _choice(pre.resize, "preprocess.resize", RESIZE_MODES)
@@ -189,13 +318,13 @@ def parse(raw: dict[str, Any]) -> Params:
 
     train = _build(TrainParams, "train", _section(raw, "train"))
     _positive_int(train.patience, "train.patience")
-    _choice(train.threshold_rule, "train.threshold_rule", ("youden",))
+    parse_threshold_rule(train.threshold_rule)
     _choice(train.distribute, "train.distribute", DISTRIBUTE)
 
     transfer = _build(TransferParams, "transfer", _section(raw, "transfer"))
     _choice(transfer.backbone, "transfer.backbone", BACKBONES)
-    _check(isinstance(transfer.alpha, (int, float)) and transfer.alpha > 0, "transfer.alpha", "must be positive")
-    _check(isinstance(transfer.weights, str) and transfer.weights != "", "transfer.weights", "must be imagenet, none or a path to an .h5 file")
+    _check(transfer.alpha > 0, "transfer.alpha", "must be positive")
+    _check(transfer.weights != "", "transfer.weights", "must be imagenet, none or a path to an .h5 file")
 
     variants_raw = _section(raw, "variants")
     _check(len(variants_raw) > 0, "variants", "must define at least one variant")
@@ -206,7 +335,7 @@ def parse(raw: dict[str, Any]) -> Params:
         _check(isinstance(values, dict), key, "must be a mapping")
         known = {k: v for k, v in values.items() if k in fields}
         extra = {k: v for k, v in values.items() if k not in fields}
-        allowed = MODEL_EXTRAS.get(values.get("model"), set())
+        allowed = set(MODEL_EXTRAS.get(values.get("model"), {}))
         if set(extra) - allowed:
             raise CxrError(f"params.yaml {key}: unknown key(s) {', '.join(sorted(set(extra) - allowed))}; known: {', '.join(sorted(fields | allowed))}")
         v = _build(VariantParams, key, known, name=name, extra=extra)
@@ -217,13 +346,15 @@ def parse(raw: dict[str, Any]) -> Params:
             _positive_int(v.seed_epochs, f"{key}.seed_epochs")
         _positive_int(v.batch_size, f"{key}.batch_size")
         _choice(v.optimizer, f"{key}.optimizer", OPTIMIZERS)
-        _check(isinstance(v.learning_rate, (int, float)) and v.learning_rate > 0, f"{key}.learning_rate", f"must be positive, got {v.learning_rate!r}")
+        _check(v.learning_rate > 0, f"{key}.learning_rate", f"must be positive, got {v.learning_rate!r}")
         _check(v.shared in raw, f"{key}.shared", f"names no params section '{v.shared}'")
+        _check_extras(v, key)
         if v.image_size < MIN_MODEL_SIZE.get(v.model, 1):
             _check(False, f"{key}.image_size", f"{v.image_size} px is too small for model {v.model}; use at least {MIN_MODEL_SIZE[v.model]}")
-        if v.model.startswith("transfer") or v.model == "modern":
-            minimum = MIN_BACKBONE_SIZE[transfer.backbone]
-            _check(v.image_size >= minimum, f"{key}.image_size", f"{v.image_size} px is too small for backbone {transfer.backbone}; use at least {minimum}")
+        if v.model in BACKBONE_MODELS:
+            backbone = v.backbone(transfer).backbone
+            minimum = MIN_BACKBONE_SIZE[backbone]
+            _check(v.image_size >= minimum, f"{key}.image_size", f"{v.image_size} px is too small for backbone {backbone}; use at least {minimum}")
         if v.model == "transfer_finetuned":
             _check(v.starts_from_model, f"{key}.init_from", "must name the trained transfer_frozen model (models/<name>.keras)")
         variants[name] = v
@@ -232,11 +363,16 @@ def parse(raw: dict[str, Any]) -> Params:
     _positive_int(evaluate.bootstrap_samples, "evaluate.bootstrap_samples")
     _positive_int(evaluate.calibration_bins, "evaluate.calibration_bins")
     report = _build(ReportParams, "report", _section(raw, "report", required=False))
+    for section, obj in (("fetch", fetch), ("split", split), ("preprocess", pre), ("train", train), ("transfer", transfer),
+                         ("evaluate", evaluate), ("report", report), *((f"variants.{n}", v) for n, v in variants.items())):
+        _sectioned(obj, section)
     return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report)
 
 
 def load(path: Path | str = PARAMS_FILE) -> Params:
     """Read and validate params.yaml."""
+    if os.environ.get(TRACE_ENV):
+        _trace_to(os.environ[TRACE_ENV])
     path = Path(path)
     if not path.exists():
         raise CxrError(f"{path} not found; run from the project root (where dvc.yaml is)")

@@ -1,5 +1,5 @@
 """Train one variant on cached arrays: determinism, class weights, early stopping on validation
-AUC, DVCLive logging, and a decision threshold chosen on validation (Youden's J).
+AUC, DVCLive logging, and a decision threshold chosen on validation by `train.threshold_rule`.
 
     python stages/train.py VARIANT      # the DVC stage train@VARIANT; it calls train_variant()
 
@@ -19,27 +19,26 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 
-from cxr.cache import CachedSplit, make_dataset
+from cxr.cache import CachedSplit
 from cxr.distribute import configure_precision, get_strategy, global_batch_size, shard_by_data
-from cxr.metrics import youden_threshold  # one threshold rule for training and evaluation
 from cxr.errors import CxrError
-from cxr.io import atomic_path, write_json
+from cxr.inference import forward_arrays, predict_arrays
+from cxr.io import atomic_path
+from cxr.metrics import binary_metrics, choose_threshold
 from cxr.models import backbone_features, build_model, compile_model, compose, feature_head
-from cxr.params import Params, VariantParams
-
-THRESHOLD_RULES = ("youden",)
-PREDICT_BATCH = 64
+from cxr.params import BACKBONE_MODELS, Params, VariantParams
+from cxr.sidecar import Sidecar, ValSummary
 
 
 @dataclass
 class TrainResult:
-    """A trained model, its sidecar (the models/<v>.json contents) and the per-epoch history."""
+    """A trained model, its sidecar (models/<v>.json) and the per-epoch history."""
 
     model: keras.Model
-    meta: dict[str, Any]
+    meta: Sidecar
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
@@ -55,23 +54,8 @@ def class_weights(y: np.ndarray) -> dict[int, float]:
     return {0: float(weights[0]), 1: float(weights[1])}
 
 
-def threshold_summary(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, Any]:
-    """ROC AUC and accuracy / sensitivity / specificity at `threshold` (prob >= threshold → 1)."""
-    pred = (prob >= threshold).astype(int)
-    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    return {
-        "roc_auc": float(roc_auc_score(y, prob)),
-        "accuracy": float((tp + tn) / len(y)),
-        "sensitivity": float(tp / (tp + fn)),
-        "specificity": float(tn / (tn + fp)),
-        "n": int(len(y)),
-    }
-
-
 def check_inputs(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit) -> int:
     """Clear errors for values that would fail deep inside Keras; returns the epoch count."""
-    if params.train.threshold_rule not in THRESHOLD_RULES:
-        raise CxrError(f"params.yaml train.threshold_rule: '{params.train.threshold_rule}' is not one of {', '.join(THRESHOLD_RULES)}")
     epochs = variant.effective_epochs(params.train)
     if not isinstance(epochs, int) or epochs <= 0:
         key = "seed_epochs" if params.train.use_seed_epochs and variant.seed_epochs else "epochs"
@@ -91,12 +75,14 @@ def check_inputs(variant: VariantParams, params: Params, train: CachedSplit, val
     return epochs
 
 
-class ExactValidationAUC(keras.callbacks.Callback):
-    """Adds `val_roc_auc` (scikit-learn's exact ROC AUC on the validation set) to each epoch's logs.
+class ValidationScores(keras.callbacks.Callback):
+    """The one validation pass of each epoch: adds `val_roc_auc` (scikit-learn's exact ROC AUC),
+    `val_loss` (cross-entropy) and `val_accuracy` (at 0.5) to the epoch's logs.
 
     Keras's AUC metric interpolates over 200 fixed thresholds, which is coarse once the
     probabilities crowd near 0 and 1 (a probe read 0.984 where the exact value was 0.998), so
-    early stopping and the reported curves use the exact figure.
+    early stopping and the curves use the exact figure. Keras's own `validation_data` would run
+    the validation set through the model a second time each epoch, so fit gets none.
     """
 
     def __init__(self, x_val: np.ndarray, y_val: np.ndarray):
@@ -104,14 +90,20 @@ class ExactValidationAUC(keras.callbacks.Callback):
         self.x_val, self.y_val = x_val, y_val
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs is not None:
-            prob = predict(self.model, self.x_val)
-            logs["val_roc_auc"] = float(roc_auc_score(self.y_val, prob)) if np.all(np.isfinite(prob)) else 0.0
+        if logs is None:
+            return
+        prob = predict_arrays(self.model, self.x_val)
+        if not np.all(np.isfinite(prob)):
+            logs.update(val_roc_auc=0.0, val_loss=float("nan"), val_accuracy=0.0)
+            return
+        logs["val_roc_auc"] = float(roc_auc_score(self.y_val, prob))
+        logs["val_loss"] = float(log_loss(self.y_val, np.clip(prob, 1e-7, 1 - 1e-7), labels=[0, 1]))
+        logs["val_accuracy"] = float(np.mean((prob >= 0.5) == self.y_val))
 
 
 def callbacks(params: Params, live: Any | None) -> list[keras.callbacks.Callback]:
     """Early stopping on exact validation ROC AUC (best weights restored), plus DVCLive if given.
-    `fit_arrays` puts ExactValidationAUC in front of these, so they see `val_roc_auc`."""
+    `fit_arrays` puts ValidationScores in front of these, so they see `val_roc_auc`."""
     out: list[keras.callbacks.Callback] = [
         keras.callbacks.EarlyStopping(monitor="val_roc_auc", mode="max", patience=params.train.patience, restore_best_weights=True, verbose=1)
     ]
@@ -129,17 +121,6 @@ def open_live(live_dir: Path | str | None) -> contextlib.AbstractContextManager[
     from dvclive import Live
 
     return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
-
-
-def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    """P(pneumonia) for uint8 or float images (N, S, S, 1), as a flat array in the order of `x`
-    (under a multi-worker strategy every worker gets all of it: Keras gathers the shards)."""
-    return model.predict(_predict_dataset(model, x), verbose=0).reshape(-1)
-
-
-def _predict_dataset(model: keras.Model, x: np.ndarray) -> Any:
-    batch = global_batch_size(PREDICT_BATCH, model.distribute_strategy)
-    return shard_by_data(make_dataset(x, None, batch))
 
 
 def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int) -> tf.data.Dataset:
@@ -174,10 +155,9 @@ def fit_arrays(model: keras.Model, variant: VariantParams, params: Params, x_tra
     return model.fit(
         shard_by_data(epoch_batches(x_train, y_train, batch, params.seed, epochs)),
         steps_per_epoch=math.ceil(len(x_train) / batch),
-        validation_data=shard_by_data(make_dataset(x_val, y_val, batch)),
         epochs=epochs,
         class_weight=class_weights(y_train),
-        callbacks=[ExactValidationAUC(x_val, y_val), *cbs],
+        callbacks=[ValidationScores(x_val, y_val), *cbs],
         verbose=verbose,
         shuffle=False,  # the dataset already shuffles, seeded
     )
@@ -193,7 +173,7 @@ def fit_end_to_end(variant: VariantParams, params: Params, train: CachedSplit, v
     with strategy.scope():
         model = compile_model(build_model(variant, params), variant, steps, epochs)
     history = fit_arrays(model, variant, params, train.x, train.y, val.x, val.y, epochs, cbs, verbose)
-    return model, history, predict(model, val.x)
+    return model, history, predict_arrays(model, val.x)
 
 
 def fit_on_features(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int) -> Fitted:
@@ -204,14 +184,11 @@ def fit_on_features(variant: VariantParams, params: Params, train: CachedSplit, 
     with strategy.scope():
         extractor = backbone_features(variant, params.transfer)
         head = compile_model(feature_head(extractor.output.shape[-1]), variant, steps, epochs)
-    f_train, f_val = predict_features(extractor, train.x), predict_features(extractor, val.x)
+    # each image's backbone features once; the head then trains on them
+    f_train, f_val = forward_arrays(extractor, train.x), forward_arrays(extractor, val.x)
     history = fit_arrays(head, variant, params, f_train, train.y, f_val, val.y, epochs, cbs, verbose)
-    return compose(extractor, head, variant.name), history, predict(head, f_val)
-
-
-def predict_features(extractor: keras.Model, x: np.ndarray) -> np.ndarray:
-    """Flattened backbone features, float32 (N, F), computed once per image."""
-    return extractor.predict(_predict_dataset(extractor, x), verbose=0)
+    model = compose(extractor, head, variant.name)
+    return model, history, predict_arrays(model, val.x)
 
 
 def train_variant(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit,
@@ -232,42 +209,33 @@ def train_variant(variant: VariantParams, params: Params, train: CachedSplit, va
         seconds = time.perf_counter() - start
         if not np.all(np.isfinite(val_prob)):
             raise CxrError(f"variant {variant.name} diverged (non-finite validation predictions); lower variants.{variant.name}.learning_rate")
-        threshold = youden_threshold(val.y, val_prob)
-        summary = threshold_summary(val.y, val_prob, threshold)
+        threshold = choose_threshold(params.train.threshold_rule, val.y, val_prob)
+        m = binary_metrics(val.y, val_prob, threshold)
+        summary = ValSummary(roc_auc=m["roc_auc"], accuracy=m["accuracy"], sensitivity=m["sensitivity"], specificity=m["specificity"], n=m["n"])
         if live is not None:
             # The restored best epoch's figures, next to DVCLive's last-epoch ones in metrics.json.
             for key in ("roc_auc", "sensitivity", "specificity"):
-                live.log_metric(f"best/val_{key}", summary[key], plot=False)
+                live.log_metric(f"best/val_{key}", m[key], plot=False)
             live.log_metric("best/threshold", threshold, plot=False)
     epochs_run = len(history.epoch)
-    print(f"train@{variant.name}: {epochs_run} epoch(s) in {seconds:.1f} s; val roc_auc={summary['roc_auc']:.3f} "
-          f"threshold={threshold:.3f} sensitivity={summary['sensitivity']:.3f} specificity={summary['specificity']:.3f}")
+    print(f"train@{variant.name}: {epochs_run} epoch(s) in {seconds:.1f} s; val roc_auc={summary.roc_auc:.3f} "
+          f"threshold={threshold:.3f} ({params.train.threshold_rule}) sensitivity={summary.sensitivity:.3f} specificity={summary.specificity:.3f}")
     meta = sidecar(variant, params, threshold, summary, epochs_run, seconds)
     return TrainResult(model=model, meta=meta, history={k: [float(v) for v in vals] for k, vals in history.history.items()})
 
 
-def sidecar(variant: VariantParams, params: Params, threshold: float, val: dict[str, Any], epochs_run: int, seconds: float) -> dict[str, Any]:
-    """models/<v>.json, as docs/design.md defines it."""
+def sidecar(variant: VariantParams, params: Params, threshold: float, val: ValSummary, epochs_run: int, seconds: float) -> Sidecar:
+    """models/<v>.json for a trained variant: its params, and the backbone it really used."""
     variant_params = {k: v for k, v in asdict(variant).items() if k not in ("name", "extra")} | dict(variant.extra)
-    if variant.model.startswith("transfer") or variant.model == "modern":  # the backbone settings they used
-        variant_params["transfer"] = asdict(params.transfer)
-    return {
-        "variant": variant.name,
-        "model": variant.model,
-        "image_size": variant.image_size,
-        "resize": params.preprocess.resize,
-        "threshold": threshold,
-        "threshold_rule": params.train.threshold_rule,
-        "val": val,
-        "epochs_run": epochs_run,
-        "train_seconds": round(seconds, 2),
-        "seed": params.seed,
-        "params": variant_params,
-    }
+    if variant.model in BACKBONE_MODELS:
+        variant_params["transfer"] = asdict(variant.backbone(params.transfer))
+    return Sidecar(variant=variant.name, model=variant.model, image_size=variant.image_size, resize=params.preprocess.resize,
+                   threshold=threshold, threshold_rule=params.train.threshold_rule, val=val, epochs_run=epochs_run,
+                   train_seconds=round(seconds, 2), seed=params.seed, params=variant_params)
 
 
 def save_result(result: TrainResult, model_path: Path | str, meta_path: Path | str) -> None:
     """Write the model and then its sidecar, each atomically (whole or absent)."""
     with atomic_path(model_path) as tmp:
         result.model.save(tmp)
-    write_json(meta_path, result.meta)
+    result.meta.write(meta_path)

@@ -29,13 +29,12 @@ def main() -> int:
     test = load_split(cache_dir("data/processed", loaded.image_size), "test")
     if len(test) == 0:
         raise CxrError("the preprocessed test split is empty; rerun `dvc repro split preprocess`")
-    val = loaded.meta.get("val") or {}
     result = evaluate_probabilities(
         test.y,
         predict_arrays(loaded.model, test.x),
         test.rows,
         loaded.threshold,
-        val_roc_auc=val.get("roc_auc"),
+        val_roc_auc=loaded.meta.val.roc_auc,
         bootstrap_samples=params.evaluate.bootstrap_samples,
         calibration_bins=params.evaluate.calibration_bins,
         seed=params.seed,

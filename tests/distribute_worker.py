@@ -35,7 +35,7 @@ def main() -> int:
 
     def recording(*args: Any, **kwargs: Any) -> cxr.training.TrainResult:
         result = train_variant(*args, **kwargs)
-        seen.update(history=result.history, meta=result.meta)
+        seen.update(history=result.history, meta=result.meta.to_dict())
         return result
 
     # The stage imports train_variant from cxr.training when main() runs, so it gets this one.

@@ -183,8 +183,14 @@ def test_gradcam_writes_one_png_per_image(project, images, tmp_path, capsys, mon
     Image.fromarray(xray(5)).save(twin)
     (tmp_path / "in" / "bad.png").write_bytes(b"")
     out_dir = tmp_path / "cams"
+    import cxr.images
+
+    decoded = []
+    real_open = cxr.images.open_image
+    monkeypatch.setattr(cxr.images, "open_image", lambda path, *a, **k: decoded.append(str(path)) or real_open(path, *a, **k))
     status, out, err = run(["predict", str(tmp_path / "in"), "--gradcam", str(out_dir), "--format", "json"], capsys)
     assert status == 1  # bad.png
+    assert len(decoded) == len(set(decoded)) == 5, "each file is decoded once, Grad-CAM included"
     rows = json.loads(out)
     written = sorted(p.name for p in out_dir.iterdir())
     assert written == sorted(["a_gradcam.png", "a-2_gradcam.png", "b_gradcam.png", "c_gradcam.png"])

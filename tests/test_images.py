@@ -107,3 +107,20 @@ def test_bad_arguments():
         images.resize(Image.new("L", (10, 10)), 8, "crop")
     with pytest.raises(ValueError, match="size must be positive"):
         images.resize(Image.new("L", (10, 10)), 0)
+
+
+RAW_SAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw_sample"
+
+
+@pytest.mark.skipif(not RAW_SAMPLE.is_dir(), reason="../shared/data/raw_sample is not here")
+def test_pixels_at_a_size_do_not_depend_on_the_other_sizes_requested():
+    """Preprocess asks for every variant's size at once, `cxr predict` for one: the same file must
+    give the same pixels both ways, also above the 256 px draft floor (a DCT scale change)."""
+    sizes = [96, 160, 224, 320, 384]
+    files = sorted(RAW_SAMPLE.rglob("*.jpeg"))
+    assert len(files) >= 8
+    for path in files:
+        together = images.load_resized(path, sizes)
+        for s in sizes:
+            alone = images.load_resized(path, [s])[s]
+            assert np.array_equal(together[s], alone), f"{path.name} at {s} px differs when decoded with {sizes}"

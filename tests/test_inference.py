@@ -91,7 +91,7 @@ def reference(paths: list[Path], loaded: LoadedModel) -> np.ndarray:
 
 
 def test_load_model_reads_model_and_sidecar(saved, loaded):
-    assert loaded.meta["variant"] == "probe" and loaded.image_size == SIZE and loaded.threshold == 0.45
+    assert loaded.meta.variant == "probe" and loaded.image_size == SIZE and loaded.threshold == 0.45
     x = np.random.default_rng(1).integers(0, 256, (3, SIZE, SIZE, 1), dtype=np.uint8)
     expected = np.asarray(probe_model()(x.astype("float32"))).ravel()
     np.testing.assert_allclose(predict_arrays(loaded.model, x), expected, atol=1e-6)
@@ -151,10 +151,12 @@ def test_lambda_layer_is_refused_by_safe_mode(tmp_path):
     "meta, pattern",
     [
         ({"image_size": SIZE, "resize": "squash"}, "missing key.*threshold"),
-        ({"image_size": 0, "resize": "squash", "threshold": 0.5}, "image_size must be a positive integer"),
-        ({"image_size": SIZE, "resize": "squash", "threshold": 1.5}, r"threshold must be a number in \[0, 1\]"),
-        ({"image_size": SIZE + 1, "resize": "squash", "threshold": 0.5}, "does not match sidecar image_size"),
-        ({"image_size": SIZE, "resize": "crop", "threshold": 0.5}, "resize must be one of squash, pad"),
+        (sidecar() | {"image_size": 0}, "image_size must be a positive integer"),
+        (sidecar() | {"threshold": 1.5}, r"threshold must be a number in \[0, 1\]"),
+        (sidecar() | {"threshold": True}, r"threshold must be a number in \[0, 1\]"),
+        (sidecar(size=SIZE + 1), "does not match sidecar image_size"),
+        (sidecar() | {"resize": "crop"}, "resize must be one of squash, pad"),
+        (sidecar() | {"val": {"roc_auc": 0.9}}, "val must hold numbers"),
         ([1, 2], "expected a JSON object"),
     ],
 )
@@ -190,7 +192,7 @@ def test_predict_arrays_edge_cases(loaded):
     assert predict_arrays(loaded.model, np.zeros((0, SIZE, SIZE, 1), np.uint8)).shape == (0,)
     with pytest.raises(ValueError, match="batch_size"):
         predict_arrays(loaded.model, np.zeros((1, SIZE, SIZE, 1), np.uint8), batch_size=0)
-    with pytest.raises(ValueError, match=r"\(N, S, S, 1\)"):
+    with pytest.raises(ValueError, match=rf"expected inputs shaped \(N, {SIZE}, {SIZE}, 1\)"):
         predict_arrays(loaded.model, np.zeros((1, SIZE, SIZE), np.uint8))
 
 

@@ -19,6 +19,7 @@ from sklearn.metrics import (
 )
 
 from cxr import metrics
+from cxr.errors import CxrError
 
 
 @pytest.fixture
@@ -192,3 +193,41 @@ def test_evaluate_probabilities_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="rows"):
         metrics.evaluate_probabilities([0, 1], [0.1, 0.9], _rows(4), 0.5, val_roc_auc=None,
                                        bootstrap_samples=10, calibration_bins=5, seed=0)
+
+
+# --- threshold rules (train.threshold_rule) ---------------------------------------------------
+
+def _scores(n: int = 400, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    return y, np.clip(0.3 * y + rng.normal(0.35, 0.18, n), 0, 1)
+
+
+@pytest.mark.parametrize("target", [0.8, 0.9, 0.97, 1.0])
+def test_sensitivity_rule_keeps_the_target_with_the_highest_threshold(target):
+    y, p = _scores()
+    t = metrics.choose_threshold(f"sensitivity:{target}", y, p)
+    sens = lambda thr: np.mean(p[y == 1] >= thr)  # noqa: E731
+    assert sens(t) >= target
+    higher = np.unique(p[p > t])
+    assert len(higher) == 0 or sens(higher[0]) < target, "a higher threshold would still reach the target"
+
+
+def test_calibrated_rule_is_where_platt_probability_crosses_one_half():
+    y, p = _scores(seed=3)
+    t = metrics.choose_threshold("calibrated_0.5", y, p)
+    a, b = metrics.platt_scaling(y, p)
+    calibrated = lambda q: 1 / (1 + np.exp(-(a * np.log(q / (1 - q)) + b)))  # noqa: E731
+    assert calibrated(t) == pytest.approx(0.5, abs=1e-9)
+    assert 0 < t < 1 and a > 0
+
+
+def test_calibrated_rule_refuses_an_inverted_model():
+    y, p = _scores(seed=4)
+    with pytest.raises(CxrError, match="threshold_rule: youden"):
+        metrics.choose_threshold("calibrated_0.5", y, 1 - p)
+
+
+def test_youden_rule_is_the_youden_threshold():
+    y, p = _scores(seed=5)
+    assert metrics.choose_threshold("youden", y, p) == metrics.youden_threshold(y, p)

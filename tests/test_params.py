@@ -39,6 +39,28 @@ def test_project_params_are_valid(raw):
         ("variants.cnn_baseline.colour", "blue", "unknown key"),
         ("variants.transfer_finetuned.init_from", "cxr/models.py", "init_from: must name the trained"),
         ("base.seed", "abc", "base.seed"),
+        # types: YAML strings and booleans must not pass for numbers or booleans
+        ("train.mixed_precision", "false", "train.mixed_precision: must be true or false, got 'false'"),
+        ("train.use_seed_epochs", 1, "train.use_seed_epochs: must be true or false"),
+        ("fetch.max_uncompressed_mb", "4096", "fetch.max_uncompressed_mb: must be a number, got '4096'"),
+        ("fetch.timeout_s", True, "fetch.timeout_s: must be a number"),
+        ("variants.cnn_baseline.augment", "yes", "variants.cnn_baseline.augment: must be true or false"),
+        ("variants.cnn_baseline.learning_rate", "0.001", "learning_rate: must be a number"),
+        ("variants.cnn_baseline.epochs", 2.5, "variants.cnn_baseline.epochs: must be an integer"),
+        ("transfer.alpha", "0.35", "transfer.alpha: must be a number"),
+        ("split.val_fraction", True, "split.val_fraction: must be a number"),
+        # the modern variant's own keys, checked before TensorFlow loads
+        ("variants.modern.backbone", "resnet", "variants.modern.backbone: 'resnet' is not one of"),
+        ("variants.modern.dropout", 1.0, r"variants.modern.dropout: must be a number in \[0, 1\)"),
+        ("variants.modern.augment_strength", 0, "variants.modern.augment_strength"),
+        ("variants.modern.warmup_fraction", "0.1", "variants.modern.warmup_fraction"),
+        ("variants.modern.label_smoothing", -0.1, "variants.modern.label_smoothing"),
+        ("variants.modern.weight_decay", "1e-4", "variants.modern.weight_decay"),
+        ("variants.modern.trainable_from", 1.5, "variants.modern.trainable_from"),
+        ("variants.modern.alpha", 0, "variants.modern.alpha"),
+        ("train.threshold_rule", "median", "train.threshold_rule: 'median' is not one of youden"),
+        ("train.threshold_rule", "sensitivity:1.5", "train.threshold_rule"),
+        ("train.threshold_rule", "sensitivity:abc", "train.threshold_rule"),
     ],
 )
 def test_bad_values_name_the_key(raw, path, value, message):
@@ -62,6 +84,23 @@ def test_missing_section(raw, section):
 def test_unknown_variant_is_a_clear_error(raw):
     with pytest.raises(CxrError, match="unknown variant 'nope'.*known: cnn_augmented"):
         params.parse(raw).variant("nope")
+
+
+@pytest.mark.parametrize("rule, parsed", [("youden", ("youden", None)), ("sensitivity:0.97", ("sensitivity", 0.97)),
+                                          ("calibrated_0.5", ("calibrated", 0.5))])
+def test_threshold_rules_parse(raw, rule, parsed):
+    raw["train"]["threshold_rule"] = rule
+    assert params.parse_threshold_rule(params.parse(raw).train.threshold_rule) == parsed
+
+
+def test_modern_has_its_own_backbone(raw):
+    """The modern variant's backbone and width are its own; the sidecar and size check use them."""
+    raw["variants"]["modern"].update(backbone="mobilenet", alpha=0.25)
+    raw["transfer"].update(backbone="vgg19", alpha=0.35)
+    p = params.parse(raw)
+    used = p.variants["modern"].backbone(p.transfer)
+    assert (used.backbone, used.alpha, used.weights) == ("mobilenet", 0.25, raw["transfer"]["weights"])
+    assert p.variants["transfer_frozen"].backbone(p.transfer) == p.transfer
 
 
 def test_seed_epochs_switch(raw):

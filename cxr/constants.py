@@ -1,0 +1,12 @@
+"""Names every module agrees on: classes, splits and resize modes (said once, here)."""
+
+from __future__ import annotations
+
+# Class folders of the archive; index = label (0 normal, 1 pneumonia = the positive class).
+CLASSES = ("NORMAL", "PNEUMONIA")
+NEGATIVE, POSITIVE = CLASSES
+# Folders of the official split, and our splits after `split` carved validation out of train.
+OFFICIAL_SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+# squash: stretch to a square (the seed's); pad: keep the aspect ratio, black borders.
+RESIZE_MODES = ("squash", "pad")

@@ -1,0 +1,153 @@
+"""dvc.yaml cannot go stale: every stage lists every project module it imports and every params
+key it reads, both derived from the code, and editing a module makes `dvc status` name every
+stage that imports it.
+
+    .venv/bin/pytest -q tests/test_dag.py      # the last two tests run dvc on the tiny pipeline (slow)
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import DVC, ROOT, sh
+
+PACKAGE = "cxr"
+
+
+def _module_file(name: str, root: Path) -> Path | None:
+    """`cxr.x` → cxr/x.py (or cxr/x/__init__.py); None for anything outside the project package."""
+    if name != PACKAGE and not name.startswith(PACKAGE + "."):
+        return None
+    base = root / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def direct_imports(path: Path, root: Path) -> set[Path]:
+    """Project modules that `path` imports anywhere (lazy imports inside functions too), except
+    under `if TYPE_CHECKING:`, which never runs."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block) for n in ast.walk(block)}
+    found: set[Path] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from cxr import report` imports the module cxr.report; `from cxr.x import y` imports cxr.x
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            module = _module_file(name, root)
+            if module is not None:
+                found.add(module)
+    return found
+
+
+def project_imports(script: Path, root: Path = ROOT) -> set[str]:
+    """Every project module `script` imports, transitively, as paths relative to `root`.
+    cxr/__init__.py is left out: it holds only the version (test below), so editing it changes no output."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for module in direct_imports(todo.pop(), root):
+            if module not in seen:
+                seen.add(module)
+                todo.append(module)
+    return {p.relative_to(root).as_posix() for p in seen} - {f"{PACKAGE}/__init__.py"}
+
+
+def stage_bodies(root: Path = ROOT) -> dict[str, dict]:
+    """dvc.yaml's stages, `foreach` templates by their plain name."""
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
+def script_of(body: dict) -> str:
+    return body["cmd"].split()[1]
+
+
+def test_package_init_holds_no_code():
+    tree = ast.parse((ROOT / PACKAGE / "__init__.py").read_text())
+    for node in tree.body:
+        is_doc = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+        is_version = isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["__version__"]
+        assert is_doc or is_version, "cxr/__init__.py is no stage's dependency: keep code out of it"
+
+
+@pytest.mark.parametrize("stage", sorted(stage_bodies()))
+def test_stage_lists_every_module_it_imports(stage):
+    body = stage_bodies()[stage]
+    missing = sorted(project_imports(ROOT / script_of(body)) - set(body["deps"]))
+    assert not missing, f"dvc.yaml stage {stage}: add {missing} to its deps (the stage imports them)"
+
+
+def test_import_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
+    (tmp_path / PACKAGE).mkdir()
+    for name in ("__init__", "a", "b", "c", "d"):
+        (tmp_path / PACKAGE / f"{name}.py").write_text("")
+    (tmp_path / PACKAGE / "a.py").write_text("from cxr import b\n")
+    (tmp_path / PACKAGE / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import cxr.d\n")
+    script = tmp_path / "stage.py"
+    script.write_text("import os\nfrom cxr.a import thing\n\ndef main():\n    import cxr.c\n")
+    assert project_imports(script, tmp_path) == {"cxr/a.py", "cxr/b.py", "cxr/c.py"}
+
+
+# --- on the tiny pipeline: what the stages really read, and what `dvc status` says ----------
+
+def _stage_of_command(root: Path) -> dict[str, str]:
+    """'stages/train.py cnn_baseline' → 'train@cnn_baseline', from dvc.lock (foreach expanded)."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    return {" ".join(entry["cmd"].split()[1:]): name for name, entry in lock.items()}
+
+
+@pytest.mark.slow
+def test_every_params_key_a_stage_reads_is_declared(tiny_pipeline):
+    """Run with CXR_PARAMS_TRACE (see cxr.params), every stage recorded the keys it read."""
+    work = tiny_pipeline.origin
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    by_command = _stage_of_command(work)
+    traced: dict[str, set[str]] = {}
+    for line in tiny_pipeline.params_trace.read_text().splitlines():
+        command, key = line.split("\t")
+        traced.setdefault(by_command[command], set()).add(key)
+    assert set(traced) == set(lock), "every stage loads params.yaml"
+    for stage, keys in sorted(traced.items()):
+        declared = set(lock[stage].get("params", {}).get("params.yaml", {}))
+        missing = sorted(k for k in keys if not any(k == d or k.startswith(d + ".") for d in declared))
+        assert not missing, f"dvc.yaml stage {stage} reads params {missing} but does not list them under params:"
+
+
+@pytest.mark.slow
+def test_editing_a_module_makes_dvc_status_name_every_stage_that_imports_it(tiny_pipeline, tmp_path):
+    work = tiny_pipeline.clone(tmp_path / "clone")
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    by_command = _stage_of_command(work)
+    imports = {by_command[" ".join(entry["cmd"].split()[1:])]: project_imports(work / entry["cmd"].split()[1], work) for entry in lock.values()}
+    modules = sorted(p.relative_to(work).as_posix() for p in (work / PACKAGE).rglob("*.py")) 
+    assert len(modules) > 10
+    for module in modules:
+        importers = {stage for stage, mods in imports.items() if module in mods}
+        if not importers:
+            continue
+        path = work / module
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# edited by test_dag\n")
+        try:
+            status = json.loads(sh(work, DVC, "status", "--json").stdout or "{}")
+        finally:
+            path.write_bytes(original)
+        missed = sorted(importers - set(status))
+        assert not missed, f"after editing {module}, `dvc status` does not name {missed}, which import it"
+    assert json.loads(sh(work, DVC, "status", "--json").stdout or "{}") == {}
