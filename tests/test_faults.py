@@ -212,7 +212,7 @@ def test_full_disk_while_fetch_writes_keeps_the_previous_data(tmp_path):
     (project / "data" / "raw" / "chest_xray" / "keep.jpeg").write_bytes(b"the previous fetch")
     before = snapshot(project / "data")
 
-    done = run_with_full_disk(project, "cxr.fetch:copy_capped", 1, 5, "fetch")
+    done = run_with_full_disk(project, "cxr.archive:copy_capped", 1, 5, "fetch")
     assert (project / "calls.txt").read_text() == "6"
     assert_fails_cleanly(done, "error: data/raw: no space left on device", "free disk space")
     assert snapshot(project / "data") == before

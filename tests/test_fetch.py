@@ -22,7 +22,9 @@ import pytest
 import yaml
 
 from cxr.errors import CxrError
-from cxr.fetch import TAIL_BYTES, BudgetExceeded, coalesce, copy_capped, fetch, find_root
+from cxr.archive import BudgetExceeded, coalesce, copy_capped, find_root
+from cxr.fetch import fetch
+from cxr.transport import TAIL_BYTES
 from httpserver import LoopbackServer
 from synth import Counts, jpeg_bytes, make_archive, make_xray
 
@@ -440,3 +442,22 @@ def test_stage_script_fetches_and_reports_errors_in_one_line(archives: dict[str,
     assert good.returncode == 0, good.stderr
     assert len(good.stdout.strip().splitlines()) == 1 and good.stdout.startswith("fetched ")
     assert_raw(tmp_path / "data" / "raw", expected_images(archives["kaggle"].read_bytes(), "chest_xray/"))
+
+
+# ---------------------------------------------------------------- the real archive (../shared)
+
+REAL = ROOT.parent / "shared" / "data" / "chest_xray_224.zip"
+
+
+@pytest.mark.skipif(not REAL.is_file(), reason="../shared/data/chest_xray_224.zip is absent")
+def test_real_archive_over_ranges_matches_the_local_fetch(tmp_path: Path) -> None:
+    data = REAL.read_bytes()
+    spans, compressed, cd_size = needed_bytes(data, ROOTS["v3"])
+    local = run(str(REAL), tmp_path / "local")
+    with LoopbackServer(data, ranges=True) as server:
+        ranged = run(server.url, tmp_path / "ranged")
+    assert local.counts == ranged.counts == {"train/NORMAL": 1341, "train/PNEUMONIA": 3875, "test/NORMAL": 234, "test/PNEUMONIA": 390}
+    assert (tmp_path / "local" / "sha256.csv").read_bytes() == (tmp_path / "ranged" / "sha256.csv").read_bytes()
+    assert ranged.used_ranges and ranged.compressed_bytes == compressed and ranged.pruned == 8  # the OCT samples
+    assert server.body_bytes == ranged.bytes_transferred <= 1.05 * (spans + cd_size)
+    assert len(server.stats.requests) <= 4
