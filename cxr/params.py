@@ -91,6 +91,7 @@ class FetchParams(_Traced):
 class SplitParams(_Traced):
     strategy: str = "patient_grouped"
     val_fraction: float = 0.1
+    folds: int = 5  # cross-validation folds of the official train set; 0 = none
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,7 @@ def parse(raw: dict[str, Any]) -> Params:
     split = _build(SplitParams, "split", _section(raw, "split"))
     _choice(split.strategy, "split.strategy", SPLIT_STRATEGIES)
     _check(0 < split.val_fraction < 1, "split.val_fraction", f"must be between 0 and 1 (exclusive), got {split.val_fraction!r}")
+    _check(split.folds == 0 or split.folds >= 2, "split.folds", f"must be 0 (no folds) or an integer of at least 2, got {split.folds!r}")
 
     pre = _build(PreprocessParams, "preprocess", _section(raw, "preprocess"))
     _choice(pre.resize, "preprocess.resize", RESIZE_MODES)

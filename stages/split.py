@@ -1,4 +1,4 @@
-"""Stage `split`: the manifest of usable images with train/val/test, and the data audit.
+"""Stage `split`: the manifest of usable images with train/val/test and cross-validation folds, and the data audit.
 
     python stages/split.py        # (dvc repro split) data/raw → data/split/{manifest.csv,audit.json}
 """
@@ -50,29 +50,28 @@ def main() -> int:
     bad = images[images["reason"].notna()]
     usable = images[images["reason"].isna()]
 
-    manifest, removed = dataset.make_manifest(usable, params.split.strategy, params.split.val_fraction, params.seed)
+    manifest, removed = dataset.make_manifest(usable, params.split.strategy, params.split.val_fraction, params.seed, params.split.folds)
     dataset.check_manifest(manifest)
     audit = {
         "strategy": params.split.strategy,
         "val_fraction": params.split.val_fraction if params.split.strategy == "patient_grouped" else None,
         "seed": params.seed,
         "counts": dataset.counts(manifest),
+        "folds": params.split.folds,
+        "fold_counts": dataset.counts(manifest[manifest["fold"] != dataset.NO_FOLD], by="fold"),
+        "patients": dataset.guarantees(manifest, params.split.strategy),
         "images_found": len(images),
         "excluded": [{"path": p, "reason": r} for p, r in zip(bad["path"], bad["reason"])],
         "unparsed_names": int((~images["parsed"]).sum()),
         "duplicates": dataset.duplicate_audit(usable),
         **removed,
-        # Official train and test were numbered independently; a shared id may or may not be
-        # the same child. Listed so that nobody assumes a patient-disjoint official split.
-        "patient_ids_in_official_train_and_test": int(len(
-            set(usable.loc[usable["split"] == "train", "patient_id"]) & set(usable.loc[usable["split"] == "test", "patient_id"]))),
     }
     with atomic_file(OUT / "manifest.csv") as fh:
         manifest.to_csv(fh, index=False)
     write_json(OUT / "audit.json", audit)
     c = audit["counts"]
     print(f"split ({params.split.strategy}): " + ", ".join(f"{s} {c[s]['images']} ({c[s]['patients']} patients)" for s in ("train", "val", "test"))
-          + f"; excluded {len(bad)}; duplicate groups {audit['duplicates']['groups']}")
+          + f"; {params.split.folds or 'no'} folds; excluded {len(bad)}; duplicate groups {audit['duplicates']['groups']}")
     return 0
 
 

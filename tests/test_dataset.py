@@ -146,3 +146,88 @@ def test_scan_reads_the_tree(tmp_path):
     (tmp_path / "raw" / "test" / "NORMAL").rename(tmp_path / "gone")
     with pytest.raises(CxrError, match="test/NORMAL is missing"):
         dataset.scan(tmp_path / "raw")
+
+
+def test_folds_keep_patients_whole_cover_official_train_and_are_stratified():
+    images = fake_images(n_patients=90)
+    manifest, _ = dataset.make_manifest(images, "patient_grouped", 0.2, seed=1, folds=3)
+    dataset.check_manifest(manifest)
+    official_train = manifest.path.str.startswith("train/")
+    assert set(manifest.loc[official_train, "fold"]) == {0, 1, 2}  # train and val rows alike
+    assert (manifest.loc[~official_train, "fold"] == dataset.NO_FOLD).all()
+    assert (manifest[official_train].groupby("patient_id")["fold"].nunique() == 1).all()
+    for subtype in ("normal", "bacteria", "virus"):
+        per_fold = manifest[official_train & (manifest.subtype == subtype)].groupby("fold").size()
+        assert per_fold.max() - per_fold.min() <= 3, (subtype, per_fold.tolist())
+
+
+def test_folds_are_deterministic_and_seed_dependent_and_off_at_zero():
+    images = fake_images(n_patients=90)
+    a, _ = dataset.make_manifest(images, "patient_grouped", 0.2, seed=1, folds=4)
+    b, _ = dataset.make_manifest(images.sample(frac=1, random_state=3), "patient_grouped", 0.2, seed=1, folds=4)
+    c, _ = dataset.make_manifest(images, "patient_grouped", 0.2, seed=2, folds=4)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["fold"].equals(c["fold"])
+    off, _ = dataset.make_manifest(images, "patient_grouped", 0.2, seed=1)
+    assert (off["fold"] == dataset.NO_FOLD).all() and off["split"].equals(a["split"])
+
+
+def test_patients_sharing_an_image_share_a_fold():
+    images = fake_images(n_patients=90)
+    train = images[images.split == "train"]
+    first, other = train.iloc[0], train[train.patient_id != train.iloc[0].patient_id].iloc[-1]
+    images.loc[other.name, "sha256"] = first.sha256
+    for seed in range(10):
+        manifest, _ = dataset.make_manifest(images, "patient_grouped", 0.2, seed=seed, folds=5)
+        dataset.check_manifest(manifest)
+        assert manifest.set_index("patient_id").loc[[first.patient_id, other.patient_id], "fold"].nunique() == 1
+
+
+def test_fold_arguments_are_checked():
+    images = fake_images()
+    with pytest.raises(ValueError, match="folds must be at least 2"):
+        dataset.grouped_folds(images, 1, seed=0)
+    few = images[images.patient_id.isin(["train0", "train1", "train2"])]
+    with pytest.raises(CxrError, match="split.folds=5 needs at least 5 patients"):
+        dataset.grouped_folds(few, 5, seed=0)
+
+
+def test_check_manifest_refuses_fold_leaks():
+    manifest, _ = dataset.make_manifest(fake_images(n_patients=90), "patient_grouped", 0.2, seed=0, folds=3)
+    sizes = manifest[manifest.fold != dataset.NO_FOLD].groupby("patient_id").size()
+    rows = manifest.index[manifest.patient_id == sizes.index[sizes > 1][0]]
+    split_patient = manifest.copy()
+    split_patient.loc[rows[0], "fold"] = (split_patient.loc[rows[1], "fold"] + 1) % 3
+    with pytest.raises(CxrError, match="patients in two folds"):
+        dataset.check_manifest(split_patient)
+    test_fold = manifest.copy()
+    test_fold.loc[test_fold.index[test_fold.split == "test"][0], "fold"] = 2
+    with pytest.raises(CxrError, match="outside the official train set have a fold"):
+        dataset.check_manifest(test_fold)
+
+
+def test_ids_repeated_across_official_folders_are_different_patients():
+    """The real data reuses ids across the official train and test folders: the seed protocol's
+    val (from test) may share an id with train, but never a (folder, id) patient with test."""
+    images = fake_images()
+    extra = []
+    for subtype, label in (("normal", "NORMAL"), ("bacteria", "PNEUMONIA"), ("virus", "PNEUMONIA")):
+        for i in range(20):
+            for k in range(1 + i % 3):  # patients of 1-3 images: the protocol must move them whole
+                extra.append({"path": f"test/{label}/x-{subtype}-{i}-{k}.jpeg", "label": label, "subtype": subtype,
+                              "patient_id": f"train{i}" if subtype == "bacteria" else f"t{subtype}{i}", "split": "test", "sha256": f"x{subtype}{i}-{k}"})
+    images = pd.concat([images, pd.DataFrame(extra)], ignore_index=True)
+    for seed in range(5):
+        manifest, _ = dataset.make_manifest(images, "seed", 0.1, seed=seed, folds=3)
+        dataset.check_manifest(manifest)  # no "patients in both train and val" for a reused id
+        val, test = manifest[manifest.split == "val"], manifest[manifest.split == "test"]
+        assert val.subtype.value_counts().to_dict() == {"normal": 16, "bacteria": 8, "virus": 8}
+        assert not set(val.patient_id) & set(test.patient_id)
+        assert (val.fold == dataset.NO_FOLD).all()
+        patients = dataset.guarantees(manifest, "seed")
+        shared = set(val.patient_id) & set(manifest.loc[manifest.split == "train", "patient_id"])
+        assert patients["val_patient_ids_in_official_train"] == len(shared) > 0
+    leak = manifest.copy()
+    leak.loc[leak.index[leak.split == "test"][0], "patient_id"] = val.patient_id.iloc[0]
+    with pytest.raises(CxrError, match="patients in both val and test"):
+        dataset.check_manifest(leak)

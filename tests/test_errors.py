@@ -274,6 +274,7 @@ PARAM_CASES = {
     "val-fraction-0": (["split"], set_key("split.val_fraction", 0), ["params.yaml split.val_fraction: must be between 0 and 1 (exclusive), got 0"]),
     "val-fraction-1": (["split"], set_key("split.val_fraction", 1.0), ["params.yaml split.val_fraction: must be between 0 and 1 (exclusive), got 1.0"]),
     "val-fraction-negative": (["split"], set_key("split.val_fraction", -0.2), ["params.yaml split.val_fraction", "got -0.2"]),
+    "one-fold": (["split"], set_key("split.folds", 1), ["params.yaml split.folds: must be 0 (no folds) or an integer of at least 2, got 1"]),
     "image-size-backbone-refuses": (["train", "transfer_frozen"], set_key("variants.transfer_frozen.image_size", 16),
                                     ["params.yaml variants.transfer_frozen.image_size: 16 px is too small for backbone mobilenet_v2; use at least 32"]),
     "missing-train-section": (["train", "cnn_baseline"], set_key("train", DELETE), ["params.yaml has no 'train' section; add it"]),

@@ -32,6 +32,10 @@ def test_project_params_are_valid(raw):
         ("split.val_fraction", 1.5, "split.val_fraction: must be between 0 and 1"),
         ("split.val_fraction", 0, "split.val_fraction"),
         ("split.strategy", "random", "split.strategy"),
+        ("split.folds", 1, "split.folds: must be 0 .no folds. or an integer of at least 2, got 1"),
+        ("split.folds", -5, "split.folds"),
+        ("split.folds", 2.5, "split.folds"),
+        ("split.folds", True, "split.folds"),
         ("preprocess.resize", "crop", "preprocess.resize"),
         ("variants.transfer_frozen.image_size", 16, "too small for backbone mobilenet_v2"),
         ("variants.cnn_baseline.learning_rate", -1, "learning_rate: must be positive"),
@@ -115,3 +119,10 @@ def test_load_reports_missing_and_broken_files(tmp_path):
     (tmp_path / "params.yaml").write_text("base: [unclosed\n")
     with pytest.raises(CxrError, match="not valid YAML"):
         params.load(tmp_path / "params.yaml")
+
+
+def test_folds_default_and_off(raw):
+    del raw["split"]["folds"]
+    assert params.parse(raw).split.folds == 5
+    raw["split"]["folds"] = 0
+    assert params.parse(raw).split.folds == 0
