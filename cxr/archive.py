@@ -26,11 +26,10 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
+from cxr.constants import CLASSES, OFFICIAL_SPLITS
 from cxr.errors import CxrError
 from cxr.io import atomic_dir
 
-SPLITS = ("train", "test")
-CLASSES = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 ROOT_NAME = "chest_xray"
 # Gaps between wanted members (macOS "._" files, a stray .DS_Store) are read through while they
@@ -95,10 +94,10 @@ def find_root(names: Iterable[str], display: str) -> str:
                     found.add(parts[i + 1])
     if not splits:
         raise CxrError(f"{display}: no '{ROOT_NAME}' folder in it; point fetch.source at the Mendeley chest X-ray archive (or the Kaggle copy)")
-    complete = [p for p, s in splits.items() if set(SPLITS) <= s]
+    complete = [p for p, s in splits.items() if set(OFFICIAL_SPLITS) <= s]
     if not complete:
         shallowest = min(splits, key=lambda p: (p.count("/"), p))
-        missing = ", ".join(f"{s}/" for s in SPLITS if s not in splits[shallowest])
+        missing = ", ".join(f"{s}/" for s in OFFICIAL_SPLITS if s not in splits[shallowest])
         raise CxrError(f"{display}: {shallowest} has no {missing} folder; the archive is incomplete, fetch it again")
     depth = min(p.count("/") for p in complete)
     best = sorted(p for p in complete if p.count("/") == depth)
@@ -111,12 +110,12 @@ def select(names: Iterable[str], root: str, display: str) -> tuple[list[Pick], d
     """The images under `root` in {train,test}/{NORMAL,PNEUMONIA}/ and their count per folder."""
     picks: list[Pick] = []
     seen: set[str] = set()
-    counts = {f"{s}/{c}": 0 for s in SPLITS for c in CLASSES}
+    counts = {f"{s}/{c}": 0 for s in OFFICIAL_SPLITS for c in CLASSES}
     for name in names:
         if not name.startswith(root):
             continue
         parts = name[len(root) :].split("/")
-        if len(parts) != 3 or parts[0] not in SPLITS or parts[1] not in CLASSES:
+        if len(parts) != 3 or parts[0] not in OFFICIAL_SPLITS or parts[1] not in CLASSES:
             continue
         file = parts[2]
         if not file or file.startswith(".") or not file.lower().endswith(IMAGE_SUFFIXES):
@@ -126,7 +125,7 @@ def select(names: Iterable[str], root: str, display: str) -> tuple[list[Pick], d
         seen.add(name)
         counts[f"{parts[0]}/{parts[1]}"] += 1
         picks.append(Pick(name, f"{ROOT_NAME}/{parts[0]}/{parts[1]}/{file}"))
-    for split in SPLITS:
+    for split in OFFICIAL_SPLITS:
         if not any(counts[f"{split}/{c}"] for c in CLASSES):
             raise CxrError(f"{display}: {root}{split}/ holds no images (empty split); the archive is incomplete, fetch it again")
         for cls in CLASSES:

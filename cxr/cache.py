@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cxr.constants import POSITIVE, SPLITS
 from cxr.errors import CxrError
 from cxr.io import atomic_file, atomic_path
 
-SPLITS = ("train", "val", "test")
-POSITIVE = "PNEUMONIA"
 
 
 @dataclass

@@ -25,11 +25,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from cxr.constants import CLASSES, NEGATIVE, OFFICIAL_SPLITS, SPLITS
 from cxr.errors import CxrError, run_main
 
-LABELS = ("NORMAL", "PNEUMONIA")
 MANIFEST_COLUMNS = ["path", "label", "subtype", "patient_id", "split", "sha256", "fold"]
-SPLITS = ("train", "val", "test")
 NO_FOLD = -1  # the fold of an image outside the official train set (or of every image with folds off)
 SEED_PROTOCOL_NORMAL = 16
 SEED_PROTOCOL_PNEUMONIA = 16  # half bacterial, half viral
@@ -62,7 +61,7 @@ def parse_name(file_name: str) -> ParsedName:
 
 def subtype_for(label: str, parsed: ParsedName) -> str:
     """The subtype of an image: normal for NORMAL; bacteria/virus (or unknown) for PNEUMONIA."""
-    if label == "NORMAL":
+    if label == NEGATIVE:
         return "normal"
     return parsed.subtype if parsed.subtype in ("bacteria", "virus") else "unknown"
 
@@ -72,8 +71,8 @@ def scan(raw_root: Path | str, rel_to: Path | str = ".") -> pd.DataFrame:
     patient_id, official split, parsed (bool). Paths are relative to `rel_to`."""
     raw_root = Path(raw_root)
     rows = []
-    for split in ("train", "test"):
-        for label in LABELS:
+    for split in OFFICIAL_SPLITS:
+        for label in CLASSES:
             folder = raw_root / split / label
             if not folder.is_dir():
                 raise CxrError(f"{folder} is missing; the archive needs {{train,test}}/{{NORMAL,PNEUMONIA}} (rerun `dvc repro fetch`)")
@@ -86,7 +85,7 @@ def scan(raw_root: Path | str, rel_to: Path | str = ".") -> pd.DataFrame:
                         "split": split, "parsed": p.parsed,
                     })
     df = pd.DataFrame(rows, columns=["path", "label", "subtype", "patient_id", "split", "parsed"])
-    for split in ("train", "test"):
+    for split in OFFICIAL_SPLITS:
         if not (df["split"] == split).any():
             raise CxrError(f"{raw_root / split} holds no images; check fetch.source")
     return df
@@ -247,7 +246,7 @@ def guarantees(manifest: pd.DataFrame, strategy: str) -> dict:
     """What the split does and cannot promise about patients, for the audit (ids repeat across
     the official folders, so a shared id may or may not be the same child)."""
     official = official_split(manifest)
-    ids = {folder: set(manifest.loc[official == folder, "patient_id"]) for folder in ("train", "test")}
+    ids = {folder: set(manifest.loc[official == folder, "patient_id"]) for folder in OFFICIAL_SPLITS}
     val_ids = set(manifest.loc[manifest["split"] == "val", "patient_id"])
     shared = len(ids["train"] & ids["test"])
     out = {

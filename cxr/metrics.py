@@ -32,6 +32,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from cxr.constants import NEGATIVE, POSITIVE
 from cxr.errors import CxrError, run_main
 from cxr.params import parse_threshold_rule
 
@@ -277,7 +278,7 @@ def pr_table(y: Any, p: Any) -> pd.DataFrame:
 
 def outcome_names(labels: Any) -> np.ndarray:
     """0/1 labels as NORMAL/PNEUMONIA (DVC's confusion template shows these)."""
-    return np.where(np.asarray(labels) == 1, "PNEUMONIA", "NORMAL")
+    return np.where(np.asarray(labels) == 1, POSITIVE, NEGATIVE)
 
 
 @dataclass

@@ -17,7 +17,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxr import params as cxr_params
-from cxr.cache import SPLITS, write_split
+from cxr.cache import write_split
+from cxr.constants import SPLITS
 from cxr.errors import CxrError, run_main
 from cxr.images import load_resized
 from cxr.io import atomic_dir

@@ -13,6 +13,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from cxr import dataset, params as cxr_params
+from cxr.constants import SPLITS
 from cxr.errors import run_main
 from cxr.images import DRAFT_MIN_SIDE, ImageError, open_image
 from cxr.io import atomic_file, write_json
@@ -70,7 +71,7 @@ def main() -> int:
         manifest.to_csv(fh, index=False)
     write_json(OUT / "audit.json", audit)
     c = audit["counts"]
-    print(f"split ({params.split.strategy}): " + ", ".join(f"{s} {c[s]['images']} ({c[s]['patients']} patients)" for s in ("train", "val", "test"))
+    print(f"split ({params.split.strategy}): " + ", ".join(f"{s} {c[s]['images']} ({c[s]['patients']} patients)" for s in SPLITS)
           + f"; {params.split.folds or 'no'} folds; excluded {len(bad)}; duplicate groups {audit['duplicates']['groups']}")
     return 0
 
