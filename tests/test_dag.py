@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import DVC, ROOT, sh
@@ -151,3 +153,27 @@ def test_editing_a_module_makes_dvc_status_name_every_stage_that_imports_it(tiny
         missed = sorted(importers - set(status))
         assert not missed, f"after editing {module}, `dvc status` does not name {missed}, which import it"
     assert json.loads(sh(work, DVC, "status", "--json").stdout or "{}") == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["cnn_baseline", "transfer_features"])
+def test_threshold_was_chosen_on_what_cxr_predict_gives(tiny_pipeline, variant):
+    """One forward pass: the validation probabilities behind the saved threshold equal, to 1e-6,
+    what `cxr predict` prints for the same files (transfer_features trains a head on cached
+    features, yet its threshold too must come from the composed model's own output)."""
+    import pandas as pd
+
+    from cxr import sidecar
+    from cxr.metrics import binary_metrics, choose_threshold
+
+    work = tiny_pipeline.origin
+    meta = sidecar.read(work / "models" / f"{variant}.keras")
+    rows = pd.read_csv(work / "data" / "processed" / str(meta.image_size) / "val.csv", dtype=str, keep_default_na=False)
+    done = sh(work, str(Path(sys.executable).with_name("cxr")), "predict", *rows["path"], "--model", f"models/{variant}.keras", "--format", "json")
+    printed = json.loads(done.stdout)
+    assert [r["path"] for r in printed] == list(rows["path"]) and all(r["error"] is None for r in printed)
+    prob = np.array([r["probability"] for r in printed])
+    y = (rows["label"] == "PNEUMONIA").to_numpy().astype(int)
+    assert choose_threshold(meta.threshold_rule, y, prob) == pytest.approx(meta.threshold, abs=1e-6)
+    m = binary_metrics(y, prob, meta.threshold)
+    assert {k: m[k] for k in ("roc_auc", "accuracy", "sensitivity", "specificity", "n")} == pytest.approx(meta.val.__dict__, abs=1e-6)
