@@ -20,8 +20,32 @@ def test_report_depends_on_every_variant(project_root):
     variants = load(project_root, "params.yaml")["variants"]
     deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
     for name in variants:
-        for path in (f"metrics/{name}.json", f"models/{name}.json", f"models/{name}.keras", f"plots/{name}/predictions.csv"):
+        for path in (f"metrics/{name}.json", f"models/{name}.json", f"models/{name}.keras", f"plots/{name}/roc.csv",
+                     f"plots/{name}/predictions.csv", f"dvclive/{name}/plots/metrics"):
             assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
+
+
+def test_report_depends_on_the_code_it_runs(project_root):
+    """Every cxr module stages/report.py imports, directly or through another, and the page template."""
+    import ast
+
+    deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
+    seen, todo = set(), ["stages/report.py"]
+    while todo:
+        tree = ast.parse((project_root / todo.pop()).read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                # `from cxr import report` names a module; `from cxr.io import atomic_file` the module cxr.io
+                names = [f"{node.module}.{a.name}" for a in node.names] if node.module == "cxr" else [node.module]
+            for name in names:
+                path = name.replace(".", "/") + ".py"
+                if name.startswith("cxr.") and path not in seen and (project_root / path).exists():
+                    seen.add(path)
+                    todo.append(path)
+    assert {"cxr/report.py", "cxr/figures.py", "cxr/gradcam.py", "cxr/inference.py"} <= seen  # the walk found them
+    for path in sorted(seen) + ["cxr/templates/report.html.j2"]:
+        assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
 
 
 def test_every_variant_names_existing_files_and_sections(project_root):
