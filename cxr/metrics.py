@@ -10,9 +10,11 @@ Undefined values (e.g. AUC with one class present) are None, never NaN, so resul
 from __future__ import annotations
 
 import math
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,9 @@ SUBTYPES = ("bacteria", "virus")
 CI_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
 # Threshold-dependent metrics: what changes between the validation threshold and 0.5.
 THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "threshold")
+# A file name's series is what precedes its first "-<digits>": IM-0001-0001 → IM,
+# NORMAL2-IM-0006-0001 → NORMAL2-IM (Kaggle/v2), NORMAL-28501-0001 → NORMAL (Mendeley v3).
+_SERIES = re.compile(r"^(.*?)-\d")
 
 
 def check_inputs(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +201,31 @@ def sensitivity_by_subtype(y: Any, p: Any, subtypes: Any, threshold: float) -> d
     for subtype in SUBTYPES:
         mask = (subtypes == subtype) & (y == 1)
         out[subtype] = float(np.mean(p[mask] >= threshold)) if mask.any() else None
+    return out
+
+
+def image_series(path: str) -> str:
+    """The naming series of an image file (see _SERIES); 'other' when the name has none."""
+    m = _SERIES.match(PurePosixPath(path).stem)
+    return m[1].upper() if m else "other"
+
+
+def specificity_by_series(y: Any, p: Any, paths: Any, threshold: float) -> dict[str, dict[str, Any]]:
+    """Specificity within each file-name series of the normal images: {series: {"n", "specificity"}}.
+
+    The normal images come in series (IM-… and NORMAL2-IM-… in the test set) that may differ in
+    difficulty; this shows whether the false positives gather in one. Series in name order.
+    """
+    y, p = check_inputs(y, p)
+    paths = np.asarray(paths).astype(str)
+    if len(paths) != len(y):
+        raise ValueError(f"{len(paths)} paths for {len(y)} predictions")
+    threshold = _check_threshold(threshold)
+    series = np.array([image_series(path) for path in paths])
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(series[y == 0])):
+        mask = (series == name) & (y == 0)
+        out[str(name)] = {"n": int(mask.sum()), "specificity": float(np.mean(p[mask] < threshold))}
     return out
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cxr import params as cxr_params, report
+from cxr import figures as cxr_figures
+from cxr import params as cxr_params
+from cxr import report
 from cxr.errors import run_main
 from cxr.io import atomic_dir, atomic_file, write_json
 
@@ -23,8 +25,8 @@ def main() -> int:
     curves = {name: report.read_training_curves(Path("dvclive") / name) for name in params.variants}
     # Figures go to a temporary folder that replaces plots/figures only when everything succeeded.
     with atomic_dir(FIGURES) as tmp:
-        figures, notes = report.make_figures(results, curves, tmp)
-        skipped = report.make_gradcam(best, results[best].predictions, params.report.gradcam_per_outcome, tmp / "gradcam_grid.png")
+        figures, notes = cxr_figures.make_figures(results, curves, tmp)
+        skipped = cxr_figures.make_gradcam(best, results[best].predictions, params.report.gradcam_per_outcome, tmp / "gradcam_grid.png")
         if skipped is None:
             figures[f"Grad-CAM of {best}: most confident TP / FP / TN / FN test images"] = tmp / "gradcam_grid.png"
         else:

@@ -112,6 +112,53 @@ def test_sensitivity_by_subtype():
     assert metrics.sensitivity_by_subtype([1, 0], [0.9, 0.1], ["bacteria", "normal"], 0.5)["virus"] is None
 
 
+def test_image_series():
+    names = {"data/raw/chest_xray/test/NORMAL/IM-0001-0001.jpeg": "IM", "NORMAL2-IM-0006-0001.jpeg": "NORMAL2-IM",
+             "normal2-im-1427-0001-0002.jpeg": "NORMAL2-IM", "NORMAL-28501-0001.jpeg": "NORMAL",
+             "person1_bacteria_1.jpeg": "other"}
+    assert {path: metrics.image_series(path) for path in names} == names
+
+
+def test_specificity_by_series():
+    paths = ["t/IM-0001-0001.jpeg", "t/IM-0003-0001.jpeg", "t/NORMAL2-IM-0006-0001.jpeg", "t/NORMAL2-IM-0007-0001.jpeg",
+             "t/NORMAL2-IM-0008-0001.jpeg", "t/person1_virus_2.jpeg", "t/person3_bacteria_4.jpeg"]
+    y = [0, 0, 0, 0, 0, 1, 1]
+    p = [0.1, 0.5, 0.2, 0.9, 0.49, 0.1, 0.9]  # 0.5 counts as pneumonia (inclusive threshold)
+    out = metrics.specificity_by_series(y, p, paths, 0.5)
+    assert list(out) == ["IM", "NORMAL2-IM"]  # pneumonia images belong to no series here
+    json.dumps(out, allow_nan=False)  # plain str keys and numbers
+    assert all(type(k) is str for k in out)
+    assert out["IM"] == {"n": 2, "specificity": 0.5}
+    assert out["NORMAL2-IM"] == {"n": 3, "specificity": pytest.approx(2 / 3)}
+    assert metrics.specificity_by_series([1], [0.3], ["IM-0001-0001.jpeg"], 0.5) == {}
+    with pytest.raises(ValueError, match="paths"):
+        metrics.specificity_by_series([0, 1], [0.2, 0.9], ["IM-0001-0001.jpeg"], 0.5)
+    with pytest.raises(ValueError, match="threshold"):
+        metrics.specificity_by_series([0], [0.2], ["IM-0001-0001.jpeg"], 1.5)
+
+
+@pytest.fixture(scope="module")
+def real_test_names() -> list[str]:
+    """File names of the real test set's normal images (skip without ../shared)."""
+    import zipfile
+    from pathlib import Path
+
+    archive = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224.zip"
+    if not archive.is_file():
+        pytest.skip(f"{archive} not present")
+    with zipfile.ZipFile(archive) as zf:
+        return [n for n in zf.namelist() if "chest_xray/test/NORMAL/" in n and n.lower().endswith((".jpeg", ".jpg", ".png"))]
+
+
+def test_specificity_by_series_on_the_real_test_names(real_test_names):
+    # every normal is called normal: each series' n is its share of the 234 test normals
+    out = metrics.specificity_by_series(np.zeros(len(real_test_names), int), np.zeros(len(real_test_names)), real_test_names, 0.5)
+    assert list(out) == ["IM", "NORMAL2-IM"]  # the two Kaggle/v2 series, nothing unparsed
+    assert out["IM"]["n"] > 50 and out["NORMAL2-IM"]["n"] > 100
+    assert sum(v["n"] for v in out.values()) == len(real_test_names)
+    assert all(v["specificity"] == 1.0 for v in out.values())
+
+
 def _patients(n_images: int, per_patient: int = 3) -> np.ndarray:
     return np.array([f"p{i // per_patient}" for i in range(n_images)])
 

@@ -20,8 +20,14 @@ def test_report_depends_on_every_variant(project_root):
     variants = load(project_root, "params.yaml")["variants"]
     deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
     for name in variants:
-        for path in (f"metrics/{name}.json", f"models/{name}.json", f"models/{name}.keras", f"plots/{name}/predictions.csv"):
+        for path in (f"metrics/{name}.json", f"models/{name}.json", f"models/{name}.keras", f"plots/{name}/roc.csv",
+                     f"plots/{name}/predictions.csv", f"dvclive/{name}/plots/metrics"):
             assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
+
+
+def test_report_depends_on_its_page_template(project_root):
+    """The one non-Python file the report loads (its imports are checked in tests/test_dag.py)."""
+    assert "cxr/templates/report.html.j2" in load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
 
 
 def test_every_variant_names_existing_files_and_sections(project_root):

@@ -1,4 +1,4 @@
-"""cxr.report (selection, figures, HTML) and the evaluate/report stages on a tiny fake project."""
+"""cxr.report (loading, selection, the page), cxr.figures, and the evaluate/report stages on a tiny fake project."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr import metrics, report
+from cxr.sidecar import Sidecar, ValSummary
+from cxr import figures, metrics, report
 from cxr.errors import CxrError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,13 +27,17 @@ def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 
     rng = np.random.default_rng(seed)
     y = np.array([0, 1, 1] * (n // 3))
     p = np.clip(0.5 + test_quality * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
-    rows = pd.DataFrame({"path": [f"data/raw/chest_xray/test/x{i:03d}.jpeg" for i in range(n)],
+    # normal images in the data's two naming series (IM-…, NORMAL2-IM-…), pneumonia as personN_…
+    names = np.where(y == 1, [f"person{i}_virus_1" for i in range(n)],
+                     np.where(np.arange(n) % 2, [f"IM-{i:04d}-0001" for i in range(n)], [f"NORMAL2-IM-{i:04d}-0001" for i in range(n)]))
+    rows = pd.DataFrame({"path": [f"data/raw/chest_xray/test/{name}.jpeg" for name in names],
                          "subtype": np.where(y == 1, np.where(np.arange(n) % 2, "bacteria", "virus"), "normal"),
                          "patient_id": [f"p{i // 2}" for i in range(n)]})
     ev = metrics.evaluate_probabilities(y, p, rows, 0.5, val_roc_auc=val_auc, bootstrap_samples=30, calibration_bins=5, seed=1)
-    sidecar = {"variant": name, "model": "cnn", "image_size": 8, "threshold": 0.5,
-               "val": {"roc_auc": val_auc}, "train_seconds": 12.5, "epochs_run": 3}
-    return report.VariantResult(name, ev.metrics, sidecar, ev.tables["predictions"])
+    meta = Sidecar(variant=name, model="cnn", image_size=8, resize="squash", threshold=0.5, threshold_rule="youden",
+                   val=ValSummary(roc_auc=float("nan") if val_auc is None else val_auc, accuracy=0.8, sensitivity=0.8, specificity=0.8, n=12),
+                   epochs_run=3, train_seconds=12.5, seed=42)
+    return report.VariantResult(name, ev.metrics, meta, ev.tables["predictions"], ev.tables["roc"])
 
 
 AUDIT = {
@@ -80,10 +85,10 @@ def test_gradcam_examples_are_the_most_confident_per_outcome():
         "actual": ["PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"],
         "predicted": ["PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL", "NORMAL"],
     })
-    picked = report.gradcam_examples(pred, 2)
+    picked = figures.gradcam_examples(pred, 2)
     assert list(zip(picked["outcome"], picked["path"])) == [
         ("TP", "f0"), ("TP", "f2"), ("FP", "f3"), ("TN", "f4"), ("TN", "f5"), ("FN", "f7"), ("FN", "f6")]
-    assert report.gradcam_examples(pred.iloc[::-1], 2)["path"].tolist() == picked["path"].tolist()
+    assert figures.gradcam_examples(pred.iloc[::-1], 2)["path"].tolist() == picked["path"].tolist()
 
 
 def test_read_training_curves(tmp_path):
@@ -96,12 +101,12 @@ def test_read_training_curves(tmp_path):
     assert sorted(curves) == ["eval/loss", "train/loss"]
     assert curves["train/loss"]["value"].tolist() == [0.9, 0.5]
     assert report.read_training_curves(tmp_path / "absent") == {}
-    assert report.plot_training_curves({"v": curves}, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
-    assert not report.plot_training_curves({"v": {}}, tmp_path / "none.png")
+    assert figures.plot_training_curves({"v": curves}, tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
+    assert not figures.plot_training_curves({"v": {}}, tmp_path / "none.png")
 
 
 def _check_page(page: str) -> None:
-    assert "<table class=results>" in page
+    assert "<table class=results>" in page and "<table class=series>" in page
     assert "research and teaching, not for diagnostic use" in page
     assert "10.17632/rscbjbr9sj" in page and "CC BY 4.0" in page
     assert "Guangzhou Women and Children" in page and "aged 1–5" in page
@@ -113,11 +118,11 @@ def _check_page(page: str) -> None:
 def test_html_is_self_contained_and_escaped(tmp_path):
     results = {"a<b>": fake_result("a<b>", 0.9, 0.5), "plain": fake_result("plain", 0.7, 0.6, seed=2)}
     summary = report.build_summary(results)
-    figures, notes = report.make_figures(results, {}, tmp_path)
-    assert {p.name for p in figures.values()} == {"roc_all.png", "comparison.png", "confusion_matrices.png"}
+    drawn, notes = figures.make_figures(results, {}, tmp_path)
+    assert {p.name for p in drawn.values()} == {"roc_all.png", "comparison.png", "confusion_matrices.png"}
     assert notes and "training curves" in notes[0]
     page = report.render_html(report.ReportInputs(
-        summary, results, AUDIT, "patient_grouped", 0.1, figures, notes + ["<i>note</i>"], "abc1234", report.machine()))
+        summary, results, AUDIT, "patient_grouped", 0.1, drawn, notes + ["<i>note</i>"], "abc1234", report.machine()))
     _check_page(page)
     assert "a&lt;b&gt;" in page and "a<b>" not in page and "&lt;i&gt;note" in page
     assert "abc1234" in page and f"{os.cpu_count()} CPU cores" in page
@@ -133,6 +138,76 @@ def test_html_without_audit_says_so(tmp_path):
                                                   "seed", 0.1, {}, [], "unknown", "m"))
     assert "No data audit found" in page and "seed notebook" in page
     assert "62.5% pneumonia vs 74.0% in training" in page and "published figures" in page
+
+
+def test_page_escapes_every_value(tmp_path):
+    evil = "<script>alert(1)</script>"
+    results = {evil: fake_result(evil, 0.9, 0.5)}
+    audit = {"counts": {evil: {"images": evil, "by_label": {"NORMAL": 1}}}, "duplicates": {"groups": 1, "groups_across_train_test": evil}}
+    png = tmp_path / "f.png"
+    png.write_bytes(b"\x89PNG not really")
+    page = report.render_html(report.ReportInputs(report.build_summary(results), results, audit, evil, 0.1,
+                                                  {f"it's {evil}": png}, [evil], evil, evil, source=evil))
+    assert "<script" not in page  # name, note, audit cells, strategy, commit, machine, caption
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 10
+    assert "alt='it&#39;s &lt;script&gt;" in page  # a quote cannot end the attribute
+
+
+def test_series_table_is_specificity_per_normal_series():
+    results = {"a": fake_result("a", 0.9, 0.2), "b": fake_result("b", 0.8, 0.1, seed=3)}
+    page = report.render_html(report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m"))
+    table = re.search(r"<table class=series>(.*?)</table>", page, re.DOTALL)[1]
+    assert re.findall(r"<th>([^<]*)</th>", table) == ["variant", "IM", "NORMAL2-IM"]
+    for name, r in results.items():
+        pred = r.predictions
+        normal = pred[pred["actual"] == "NORMAL"]
+        cells = []
+        for prefix in ("IM-", "NORMAL2-IM-"):
+            part = normal[normal["path"].str.rsplit("/", n=1).str[1].str.startswith(prefix)]
+            cells.append(f"<td>{(part['predicted'] == 'NORMAL').mean():.3f} <span class=ci>n={len(part)}</span></td>")
+        assert f"<tr><td>{name}</td>{''.join(cells)}</tr>" in table
+    # not every normal called normal, so the table is informative here
+    assert "<td>1.000" not in table.split("<tr><td>a</td>")[1].split("</tr>")[0]
+
+
+def write_result(root: Path, r: report.VariantResult) -> None:
+    """The files evaluate and train write for one variant."""
+    for folder in ("metrics", "models", f"plots/{r.name}"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    (root / "metrics" / f"{r.name}.json").write_text(json.dumps(r.metrics))
+    r.sidecar.write(root / "models" / f"{r.name}.json")
+    r.predictions.to_csv(root / "plots" / r.name / "predictions.csv", index=False)
+    r.roc.to_csv(root / "plots" / r.name / "roc.csv", index=False)
+
+
+def test_load_result_reads_roc_and_confusion(tmp_path):
+    write_result(tmp_path, fake_result("alpha", 0.9, 0.4))
+    loaded = report.load_result("alpha", tmp_path)
+    pd.testing.assert_frame_equal(loaded.roc, fake_result("alpha", 0.9, 0.4).roc)
+    (tmp_path / "plots" / "alpha" / "roc.csv").unlink()
+    with pytest.raises(CxrError, match=r"plots/alpha/roc\.csv not found.*evaluate@alpha"):
+        report.load_result("alpha", tmp_path)
+    write_result(tmp_path, fake_result("alpha", 0.9, 0.4))
+    m = json.loads((tmp_path / "metrics" / "alpha.json").read_text())
+    del m["confusion"]["fp"]
+    (tmp_path / "metrics" / "alpha.json").write_text(json.dumps(m))
+    with pytest.raises(CxrError, match=r"metrics/alpha\.json lacks confusion counts"):
+        report.load_result("alpha", tmp_path)
+
+
+def test_figures_draw_what_evaluate_wrote(tmp_path, monkeypatch):
+    """ROC lines are roc.csv's points and the matrices metrics.json's counts, not recomputed from predictions."""
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, out_png, tight=True: drawn.append(fig))
+    r = fake_result("a", 0.9, 0.4)
+    r.roc = pd.DataFrame({"fpr": [0.0, 0.3, 1.0], "tpr": [0.0, 0.9, 1.0], "threshold": [np.inf, 0.5, 0.0]})
+    r.metrics["confusion"] = {"tn": 101, "fp": 202, "fn": 303, "tp": 404}
+    figures.plot_roc_all({"a": r}, tmp_path / "roc.png")
+    figures.plot_confusions({"a": r}, tmp_path / "cm.png")
+    roc_line = drawn[0].axes[0].lines[0]
+    assert roc_line.get_xdata().tolist() == [0.0, 0.3, 1.0] and roc_line.get_ydata().tolist() == [0.0, 0.9, 1.0]
+    # rows actual (NORMAL, PNEUMONIA), columns predicted
+    assert [t.get_text() for t in drawn[1].axes[0].texts] == ["101", "202", "303", "404"]
 
 
 # ------------------------------------------------------------------- stages on a fake project
