@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_fetch.py [--repeats 3]     # → table on stdout, bench/results/fetch.json
 
 Builds a synthetic archive in the Mendeley v3 layout whose OCT part is about 6× the chest_xray
-part (tests/synth.py), serves it from a loopback HTTP server (tests/httpserver.py) once with
+part (cxr/testing/synth.py), serves it from a loopback HTTP server (cxr/testing/httpserver.py) once with
 Range support and once without, and fetches it with `cxr.fetch.fetch` both ways. Reports the
 bytes transferred ÷ the compressed size of the chest_xray members (goal ≤ 1.05) and the wall
 time of each way. Loopback has no latency or bandwidth limit, so the time saved on a real
@@ -20,16 +20,11 @@ import time
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from common import write_result
+from cxr.fetch import MB, fetch
+from cxr.testing.httpserver import LoopbackServer
+from cxr.testing.synth import Counts, make_archive
 
-from cxr.fetch import MB, fetch  # noqa: E402
-from cxr.io import write_json  # noqa: E402
-from httpserver import LoopbackServer  # noqa: E402
-from synth import Counts, make_archive  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results" / "fetch.json"
 COUNTS = {"train": Counts(normal=30, bacteria=30, virus=20, images_per_patient=2), "test": Counts(normal=10, bacteria=8, virus=6, images_per_patient=2)}
 IMAGE_SIZE = (384, 352)
 OCT_FACTOR = 6.5
@@ -99,7 +94,7 @@ def main() -> int:
         r = result[mode]
         print(f"{mode:<8} {r['bytes_transferred'] / MB:>9.2f} {r['ratio_to_chest_compressed']:>8.3f} {r['requests']:>9} {r['seconds_median']:>9.3f}  {r['seconds_all']}")
     print(f"ranged ÷ chest compressed = {result['ranged']['ratio_to_chest_compressed']:.3f} (goal ≤ 1.05: {'met' if result['goal_ratio_met'] else 'NOT met'}); ranged is {result['speedup']}x faster on loopback")
-    write_json(RESULTS, result)
+    write_result("fetch", result)
     return 0
 
 

@@ -23,8 +23,8 @@ import yaml
 
 from cxr.errors import CxrError
 from cxr.fetch import TAIL_BYTES, BudgetExceeded, coalesce, copy_capped, fetch, find_root
-from httpserver import LoopbackServer
-from synth import Counts, jpeg_bytes, make_archive, make_xray
+from cxr.testing.httpserver import LoopbackServer
+from cxr.testing.synth import Counts, jpeg_bytes, make_archive, make_xray
 
 ROOT = Path(__file__).resolve().parent.parent
 CAP = 64 << 20
