@@ -1,6 +1,7 @@
 # Two commands set up everything on a fresh machine:
 #   make test                      # venv + install + test suite
 #   make repro SOURCE=path/or/url  # venv + install + dvc repro (SOURCE is optional)
+# `make lint` runs ruff (lint + formatting check; settings in pyproject.toml), as .ci/run does.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -12,10 +13,14 @@ export KERAS_HOME
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test repro install bench clean-venv
+.PHONY: test lint repro install bench clean-venv
 
 test: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # SOURCE=... goes through `dvc exp run -S fetch.source=...`: params.yaml gets the new source,
 # dvc.lock records it, and the run is kept as a DVC experiment you can compare or drop.

@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_fetch.py [--repeats 3]     # → table on stdout, bench/results/fetch.json
 
 Builds a synthetic archive in the Mendeley v3 layout whose OCT part is about 6× the chest_xray
-part (tests/synth.py), serves it from a loopback HTTP server (tests/httpserver.py) once with
+part (cxr/testing/synth.py), serves it from a loopback HTTP server (cxr/testing/httpserver.py) once with
 Range support and once without, and fetches it with `cxr.fetch.fetch` both ways. A third row
 ("fsspec") runs the same archive logic (`cxr.archive.extract_zip`) over fsspec's HTTP file
 (cache "bytes", 5 MiB blocks), the library transport cxr.transport is measured against. Reports
@@ -23,19 +23,13 @@ import zipfile
 from pathlib import Path
 
 import fsspec
+from common import write_result
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from cxr.archive import MB, extract_zip, open_zip
+from cxr.fetch import fetch
+from cxr.testing.httpserver import LoopbackServer
+from cxr.testing.synth import Counts, make_archive
 
-from httpserver import LoopbackServer  # noqa: E402
-from synth import Counts, make_archive  # noqa: E402
-
-from cxr.archive import MB, extract_zip, open_zip  # noqa: E402
-from cxr.fetch import fetch  # noqa: E402
-from cxr.io import write_json  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results" / "fetch.json"
 COUNTS = {"train": Counts(normal=30, bacteria=30, virus=20, images_per_patient=2), "test": Counts(normal=10, bacteria=8, virus=6, images_per_patient=2)}
 IMAGE_SIZE = (384, 352)
 OCT_FACTOR = 6.5
@@ -118,7 +112,7 @@ def main() -> int:
         print(f"{mode:<8} {r['bytes_transferred'] / MB:>9.2f} {r['ratio_to_chest_compressed']:>8.3f} {r['requests']:>9} {r['seconds_median']:>9.3f}  {r['seconds_all']}")
     print(f"ranged ÷ chest compressed = {result['ranged']['ratio_to_chest_compressed']:.3f} (goal ≤ 1.05: {'met' if result['goal_ratio_met'] else 'NOT met'}); ranged is {result['speedup']}x faster on loopback")
     print(f"fsspec moves {result['fsspec']['ratio_to_chest_compressed']:.3f}x in {result['fsspec']['requests']} requests but neither resumes a dropped connection nor falls back to a whole download (docs/design.md, fetch)")
-    write_json(RESULTS, result)
+    write_result("fetch", result)
     return 0
 
 

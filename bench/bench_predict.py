@@ -16,7 +16,6 @@ import io
 import json
 import os
 import pstats
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,15 +26,10 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, children_cpu, sample_files, timed, write_result
+from cxr.errors import run_main
+from cxr.inference import decode, load_images, load_model, predict_arrays, predict_files
 
-from cxr.errors import run_main  # noqa: E402
-from cxr.inference import decode, load_images, load_model, predict_arrays, predict_files  # noqa: E402
-from cxr.io import write_json  # noqa: E402
-
-SAMPLES = ROOT.parent / "shared" / "data" / "raw_sample"
-RESULTS = ROOT / "bench" / "results" / "predict.json"
 GOAL_BATCH_IPS, GOAL_SINGLE_MS = 100.0, 50.0
 STANDIN_SIZE = 224
 
@@ -67,26 +61,8 @@ def build_standin(folder: Path) -> Path:
     return path
 
 
-def sample_files(n: int) -> list[Path]:
-    files = sorted(p for p in SAMPLES.rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    if not files:
-        raise FileNotFoundError(f"no sample images in {SAMPLES}; see ../shared/README.md")
-    return [files[i % len(files)] for i in range(n)]
-
-
-def timed(fn: Any) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
 def median_ms(fn: Any, repeats: int) -> float:
     return 1000 * statistics.median(timed(fn)[0] for _ in range(repeats))
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def cold_start(model: Path, image: Path, repeats: int) -> tuple[float, float]:
@@ -151,7 +127,9 @@ def main() -> int:
 
     n = len(files)
     results = {
-        "model": "untrained MobileNetV2 alpha 0.35 stand-in" if standin else str(model_path.relative_to(ROOT) if model_path.is_relative_to(ROOT) else model_path),
+        "model": "untrained MobileNetV2 alpha 0.35 stand-in"
+        if standin
+        else str(model_path.relative_to(ROOT) if model_path.is_relative_to(ROOT) else model_path),
         "standin": standin,
         "image_size": size,
         "images": n,
@@ -187,8 +165,8 @@ def main() -> int:
     width = max(len(r[0]) for r in rows)
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>12}  {note}")
-    write_json(RESULTS, results)
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    path = write_result("predict", results)
+    print(f"wrote {path.relative_to(ROOT)}")
     if args.profile:
         # one thread, so cProfile sees the decoding too (the threaded run hides it in workers)
         sequential = lambda: predict_arrays(loaded.model, np.stack([decode(p, size, loaded.resize) for p in files]), args.batch_size)  # noqa: E731

@@ -36,14 +36,13 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine_info, machine_line, sample_files, table, timed, write_result  # noqa: E402
+from common import ROOT, children_cpu, machine_info, machine_line, sample_files, table, timed, write_result
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # decode_all's progress bar: no clutter in the tables
 
-import stages.preprocess as preprocess  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import stages.preprocess as preprocess  # noqa: E402
 from cxr import params as cxr_params  # noqa: E402
 from cxr.images import load_resized  # noqa: E402
 
@@ -51,6 +50,7 @@ GOAL_IPS = 150.0
 
 
 # ----------------------------------------------------------------------------- the baseline
+
 
 def plain_load(path: str, sizes: list[int], mode: str = "squash") -> dict[int, np.ndarray]:
     """The naive way, for comparison only: full-size decode, then resize to each size (squash)."""
@@ -121,12 +121,11 @@ def decode_all_shared(paths: list[str], sizes: list[int], mode: str, workers: in
 
 # ----------------------------------------------------------------------------- set-up
 
+
 def make_inputs(folder: Path, n: int) -> tuple[list[str], int]:
     """n real copies of the samples (round robin) in `folder`; read once to warm the page cache."""
-    originals = sample_files()
     paths = []
-    for i in range(n):
-        src = originals[i % len(originals)]
+    for i, src in enumerate(sample_files(n)):
         dest = folder / f"{i:05d}-{src.name}"
         shutil.copyfile(src, dest)
         paths.append(str(dest))
@@ -179,6 +178,7 @@ def write_cost(arrays: dict[int, np.ndarray], n: int) -> float:
 
 # ----------------------------------------------------------------------------- main
 
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=400, help="files to decode per run (default 400)")
@@ -212,9 +212,9 @@ def main() -> int:
         outputs: dict[str, dict[int, np.ndarray]] = {}
         for _ in range(args.repeats):
             for name, fn in methods.items():  # alternate, so background load hits every method alike
-                c0 = time.process_time() + _children_cpu()
+                c0 = time.process_time() + children_cpu()
                 s, outputs[name] = timed(fn)
-                cpu[name].append(time.process_time() + _children_cpu() - c0)
+                cpu[name].append(time.process_time() + children_cpu() - c0)
                 seconds[name].append(s)
         real_name, seq_name = list(methods)[:2]
         same_pixels = all(np.array_equal(outputs[real_name][s], outputs[seq_name][s]) for s in sizes)
@@ -272,30 +272,29 @@ def main() -> int:
         note = ""
         if name == real_name:
             note = f"goal ≥ {GOAL_IPS:.0f}: {'met' if result['goal_met'] else 'NOT met'}"
-        rows.append((name, f"{m['images_per_s']:.0f}", f"{m['seconds_median']:.2f}", f"{m['cpu_ms_per_image']:.1f}", f"{m['cpu_bound_images_per_s']:.0f}", note))
+        rows.append(
+            (name, f"{m['images_per_s']:.0f}", f"{m['seconds_median']:.2f}", f"{m['cpu_ms_per_image']:.1f}", f"{m['cpu_bound_images_per_s']:.0f}", note)
+        )
     print(f"{n} files ({result['input_mb']} MB, copies of {result['distinct_originals']} originals) → sizes {sizes} ({mode}); {machine_line(before)}")
     print(table(["method", "images/s", "median s", "CPU ms/img", "CPU-bound img/s", "note"], rows, "lrrrrl"))
-    print(f"decode_all is {result['speedup_vs_plain_same_processes']}x plain PIL with the same {workers} processes, "
-          f"{result['speedup_vs_plain_1_process']}x plain PIL in 1 process; pixels equal to sequential load_resized: {same_pixels}")
+    print(
+        f"decode_all is {result['speedup_vs_plain_same_processes']}x plain PIL with the same {workers} processes, "
+        f"{result['speedup_vs_plain_1_process']}x plain PIL in 1 process; pixels equal to sequential load_resized: {same_pixels}"
+    )
     for name, same in result["candidates_match_sequential_pixels"].items():
         print(f"{name}: pixels equal to load_resized: {same}")
     if args.profile:
         p = result["profile"]
         print("load_resized, 1 process, cProfile own time per image (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p["ms_per_image"].items()))
         ipc = result["ipc_only"]
-        print(f"Pool + pickling + assembly alone: {ipc['ms_per_image']:.2f} ms/image ({ipc['images_per_s']:.0f} images/s; pool start+stop {ipc['pool_start_and_stop_s']:.2f} s); "
-              f"writing the cache: {result['write']['ms_per_image']:.2f} ms/image")
+        print(
+            f"Pool + pickling + assembly alone: {ipc['ms_per_image']:.2f} ms/image ({ipc['images_per_s']:.0f} images/s; pool start+stop {ipc['pool_start_and_stop_s']:.2f} s); "
+            f"writing the cache: {result['write']['ms_per_image']:.2f} ms/image"
+        )
     print(f"load average after: {after['load_average_1_5_15']}")
     path = write_result("preprocess", result, after)
     print(f"wrote {path.relative_to(ROOT)}")
     return 0
-
-
-def _children_cpu() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@
 Which project it measures (stated in the output and the JSON as "project"):
   real  when dvc.lock exists in the project root and `dvc status` there is clean: `dvc repro`
         is timed in place (it has nothing to do, so it changes nothing; rechecked before each run).
-  tiny  otherwise: a throw-away git+DVC project in a temp folder built like tests/conftest.py's
-        tiny_pipeline (synthetic archive, tiny_params: every variant at a few dozen px for 1 epoch), fully reproduced
-        once, then timed. Its data folders hold a few dozen files, so hashing costs less than in
+  tiny  otherwise: a throw-away git+DVC project in a temp folder, the tests' tiny_pipeline
+        (cxr.testing.pipeline.build_tiny_pipeline: synthetic archive, every variant at a few dozen px for
+        1 epoch), fully reproduced once, then timed. Its data folders hold a few dozen files, so hashing costs less than in
         the real project with ~5,900 images: read it as a lower bound.
 
 Goal 1: a no-op `dvc repro` takes ≤ 3 s (median of --repeats) and runs no stage.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -35,29 +34,10 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine_info, machine_line, median, table, write_result  # noqa: E402
+from common import ROOT, children_cpu, machine_info, machine_line, median, table, write_result
+from cxr.testing.pipeline import DVC, CommandError, build_tiny_pipeline, sh
 
-sys.path.insert(0, str(ROOT / "tests"))
-DVC = str(Path(sys.executable).with_name("dvc"))
 GOAL_NOOP_S = 3.0
-
-
-class CommandError(RuntimeError):
-    pass
-
-
-def sh(cwd: Path, *args: str, timeout: int = 1800, check: bool = True) -> subprocess.CompletedProcess:
-    """Run with the venv's tools first on PATH (as `make repro` does) and a throw-away git identity."""
-    # PYTHONPATH: the stages import `cxr` from the project they run in (as tests/conftest.py does)
-    env = {**os.environ, "PYTHONPATH": str(cwd), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("PYTHONHASHSEED", "0")
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and done.returncode != 0:
-        raise CommandError(f"`{' '.join(args)}` in {cwd} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return done
 
 
 def ran(done: subprocess.CompletedProcess) -> list[str]:
@@ -66,10 +46,11 @@ def ran(done: subprocess.CompletedProcess) -> list[str]:
 
 def status(work: Path) -> dict[str, Any]:
     out = sh(work, DVC, "status", "--json").stdout.strip()
-    return json.loads(out[out.index("{"):]) if "{" in out else {}
+    return json.loads(out[out.index("{") :]) if "{" in out else {}
 
 
 # ----------------------------------------------------------------------------- projects
+
 
 def real_project_clean() -> tuple[bool, str]:
     if not (ROOT / "dvc.lock").is_file():
@@ -84,9 +65,7 @@ def real_project_clean() -> tuple[bool, str]:
 
 
 def build_tiny(folder: Path) -> tuple[Path, float]:
-    """The tests' tiny pipeline (tests/conftest.py build_tiny_pipeline), reproduced once."""
-    from conftest import build_tiny_pipeline
-
+    """The tests' tiny pipeline (cxr.testing.pipeline.build_tiny_pipeline), reproduced once."""
     start = time.perf_counter()
     work, _ = build_tiny_pipeline(folder)
     return work, time.perf_counter() - start
@@ -127,12 +106,6 @@ def scratch_copy(origin: Path, dest: Path) -> Path:
 
 # ----------------------------------------------------------------------------- measurements
 
-def children_cpu() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
 
 def time_noop(work: Path, repeats: int, recheck: bool) -> dict[str, Any]:
     seconds, cpu, stages_ran = [], [], []
@@ -148,9 +121,15 @@ def time_noop(work: Path, repeats: int, recheck: bool) -> dict[str, Any]:
     status(work)
     status_s = time.perf_counter() - start
     med = median(seconds)
-    return {"seconds_median": round(med, 2), "seconds_all": [round(s, 2) for s in seconds], "cpu_s_median": round(median(cpu), 2),
-            "stages_ran": sorted(set(stages_ran)),
-            "dvc_status_s": round(status_s, 2), "goal_s": GOAL_NOOP_S, "goal_met": med <= GOAL_NOOP_S and not stages_ran}
+    return {
+        "seconds_median": round(med, 2),
+        "seconds_all": [round(s, 2) for s in seconds],
+        "cpu_s_median": round(median(cpu), 2),
+        "stages_ran": sorted(set(stages_ran)),
+        "dvc_status_s": round(status_s, 2),
+        "goal_s": GOAL_NOOP_S,
+        "goal_met": med <= GOAL_NOOP_S and not stages_ran,
+    }
 
 
 def param_change(origin: Path, variant: str, run: bool) -> dict[str, Any]:
@@ -167,7 +146,9 @@ def param_change(origin: Path, variant: str, run: bool) -> dict[str, Any]:
         dry = sh(work, DVC, "repro", "--dry", "--force-downstream")
         would = ran(dry)
         result: dict[str, Any] = {
-            "param": f"variants.{variant}.learning_rate", "old": old, "new": old * 10,
+            "param": f"variants.{variant}.learning_rate",
+            "old": old,
+            "new": old * 10,
             "status_before_change": sorted(baseline),
             "dvc_status_changed": direct,
             "would_rerun": would,
@@ -219,12 +200,20 @@ def main() -> int:
     noop, pc = result["noop_repro"], result["param_change"]
     print(f"project: {result['project']} ({why}); {machine_line(before)}")
     rows = [
-        ("no-op `dvc repro` (median)", f"{noop['seconds_median']:.2f} s {noop['seconds_all']}, {noop['cpu_s_median']:.2f} CPU s", f"≤ {GOAL_NOOP_S:.0f} s, no stage runs",
-         f"{'met' if noop['goal_met'] else 'NOT met'}; stages run: {noop['stages_ran'] or 'none'}"),
+        (
+            "no-op `dvc repro` (median)",
+            f"{noop['seconds_median']:.2f} s {noop['seconds_all']}, {noop['cpu_s_median']:.2f} CPU s",
+            f"≤ {GOAL_NOOP_S:.0f} s, no stage runs",
+            f"{'met' if noop['goal_met'] else 'NOT met'}; stages run: {noop['stages_ran'] or 'none'}",
+        ),
         ("`dvc status` (no-op)", f"{noop['dvc_status_s']:.2f} s", "", ""),
         (f"{pc['param']} ×10: `dvc status`", ", ".join(pc["dvc_status_changed"]) or "nothing", "", ""),
-        ("  would rerun (repro --dry --force-downstream)", ", ".join(pc["would_rerun"]) or "nothing", ", ".join(pc["expected"]),
-         "met" if pc["goal_met"] else "NOT met"),
+        (
+            "  would rerun (repro --dry --force-downstream)",
+            ", ".join(pc["would_rerun"]) or "nothing",
+            ", ".join(pc["expected"]),
+            "met" if pc["goal_met"] else "NOT met",
+        ),
     ]
     if "actually_ran" in pc:
         rows.append(("  actually ran (`dvc repro`)", ", ".join(pc["actually_ran"]), "", ""))

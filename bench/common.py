@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine facts, a plain-text table, result JSON.
+"""Helpers shared by the benchmark scripts: machine facts, sample images, timers, a plain-text
+table, result JSON. Importing it puts the project root on sys.path (for `cxr` and `stages`).
 
 Every figure a benchmark writes carries the machine it was measured on (`machine_info()`:
 core count, CPU model, load average, versions, git commit, timestamp) because the build
@@ -10,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -83,18 +85,28 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
     return f"{info['nproc']} cores ({info['cpu_model']}), load average {load[0]} (1 min), commit {str(info.get('git_commit'))[:12]}"
 
 
-def sample_files(root: Path = SAMPLES) -> list[Path]:
-    """The full-resolution originals in ../shared/data/raw_sample, sorted."""
+def sample_files(n: int | None = None, root: Path = SAMPLES) -> list[Path]:
+    """The full-resolution originals in ../shared/data/raw_sample, sorted; with `n`, repeated
+    round robin to n files."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no sample images in {root}; see ../shared/README.md")
-    return files
+    return files if n is None else [files[i % len(files)] for i in range(n)]
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of one call."""
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + system) used so far by this process's finished, waited-for children.
+
+    Benchmarks report it next to wall time: on a shared machine it depends less on the neighbours."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def median(values: Iterable[float]) -> float:

@@ -30,8 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, load_average, machine_info, machine_line, table  # noqa: E402
+from common import RESULTS, ROOT, load_average, machine_info, machine_line, table
 
 BENCH = ROOT / "bench"
 NOT_RUN = "not run yet"
@@ -53,15 +52,22 @@ def read_json(path: Path) -> Any:
 
 # ----------------------------------------------------------------------------- rows per benchmark
 
+
 def rows_fetch(r: dict[str, Any]) -> list[Row]:
     ranged, full = r["ranged"], r["full"]
     return [
-        row("fetch: bytes sent ÷ compressed chest_xray members (ranged, loopback, synthetic v3 archive)", "≤ 1.05",
+        row(
+            "fetch: bytes sent ÷ compressed chest_xray members (ranged, loopback, synthetic v3 archive)",
+            "≤ 1.05",
             f"{ranged['ratio_to_chest_compressed']:.3f} ({ranged['requests']} requests; whole download {full['ratio_to_chest_compressed']:.2f})",
-            ranged["ratio_to_chest_compressed"] <= 1.05),
-        row("fetch: wall time, ranged vs whole download (loopback: no latency/bandwidth limit)", "ranged < whole",
+            ranged["ratio_to_chest_compressed"] <= 1.05,
+        ),
+        row(
+            "fetch: wall time, ranged vs whole download (loopback: no latency/bandwidth limit)",
+            "ranged < whole",
             f"{ranged['seconds_median']:.2f} s vs {full['seconds_median']:.2f} s ({r['speedup']}x, median of {r['repeats']})",
-            ranged["seconds_median"] < full["seconds_median"]),
+            ranged["seconds_median"] < full["seconds_median"],
+        ),
     ]
 
 
@@ -69,25 +75,33 @@ def rows_preprocess(r: dict[str, Any]) -> list[Row]:
     m = r["methods"]
     names = list(m)
     real, plain_1, plain_n = m[names[0]], m[names[2]], m[names[3]]
-    return [row(
-        f"preprocess: decode_all, {r['images']} full-res JPEGs → {r['sizes']} ({r['resize']}), {r['workers']} workers",
-        "≥ 150 images/s",
-        f"{real['images_per_s']:.0f} img/s ({real['cpu_ms_per_image']:.1f} CPU ms/img); plain PIL {plain_n['images_per_s']:.0f} ({r['workers']} proc), "
-        f"{plain_1['images_per_s']:.0f} (1 proc)",
-        r["goal_met"],
-    )]
+    return [
+        row(
+            f"preprocess: decode_all, {r['images']} full-res JPEGs → {r['sizes']} ({r['resize']}), {r['workers']} workers",
+            "≥ 150 images/s",
+            f"{real['images_per_s']:.0f} img/s ({real['cpu_ms_per_image']:.1f} CPU ms/img); plain PIL {plain_n['images_per_s']:.0f} ({r['workers']} proc), "
+            f"{plain_1['images_per_s']:.0f} (1 proc)",
+            r["goal_met"],
+        )
+    ]
 
 
 def rows_repro(r: dict[str, Any]) -> list[Row]:
     noop, pc = r["noop_repro"], r["param_change"]
     project = "real project" if r["project"] == "real" else "tiny synthetic project (lower bound)"
     out = [
-        row(f"`dvc repro`, nothing changed ({project})", "≤ 3 s, no stage runs",
-            f"{noop['seconds_median']:.2f} s median of {len(noop['seconds_all'])} ({noop.get('cpu_s_median', '?')} CPU s); ran: {', '.join(noop['stages_ran']) or 'nothing'}", noop["goal_met"]),
-        row(f"one variant's param changed ({pc['param']} ×10, scratch copy of the {r['project']} project)",
+        row(
+            f"`dvc repro`, nothing changed ({project})",
+            "≤ 3 s, no stage runs",
+            f"{noop['seconds_median']:.2f} s median of {len(noop['seconds_all'])} ({noop.get('cpu_s_median', '?')} CPU s); ran: {', '.join(noop['stages_ran']) or 'nothing'}",
+            noop["goal_met"],
+        ),
+        row(
+            f"one variant's param changed ({pc['param']} ×10, scratch copy of the {r['project']} project)",
             "reruns only " + ", ".join(pc["expected"]),
             "would rerun: " + (", ".join(pc["would_rerun"]) or "nothing") + ("; ran: " + ", ".join(pc["actually_ran"]) if "actually_ran" in pc else ""),
-            pc["goal_met"]),
+            pc["goal_met"],
+        ),
     ]
     return out
 
@@ -95,11 +109,19 @@ def rows_repro(r: dict[str, Any]) -> list[Row]:
 def rows_predict(r: dict[str, Any]) -> list[Row]:
     model = "UNTRAINED stand-in" if r.get("standin") else r.get("model", "?")
     return [
-        row(f"`cxr predict` batch: {r['images']} full-res files, decode + model ({model}, {r['image_size']} px)", "≥ 100 images/s",
-            f"{r['files_images_per_s']:.0f} img/s (CPU-bound estimate {r['cpu_bound_images_per_s_estimate']:.0f})", r["meets_batch_goal"]),
+        row(
+            f"`cxr predict` batch: {r['images']} full-res files, decode + model ({model}, {r['image_size']} px)",
+            "≥ 100 images/s",
+            f"{r['files_images_per_s']:.0f} img/s (CPU-bound estimate {r['cpu_bound_images_per_s_estimate']:.0f})",
+            r["meets_batch_goal"],
+        ),
         row("`cxr predict` single image, decode + model (median, warm)", "≤ 50 ms", f"{r['single_file_ms_median']:.1f} ms", r["meets_single_goal"]),
-        row("`cxr predict` cold start, 1 image (process start → exit)", "(no goal set)",
-            f"{r['cold_start_cli_s_median']:.1f} s wall, {r['cold_start_cli_cpu_s_median']:.1f} CPU s", None),
+        row(
+            "`cxr predict` cold start, 1 image (process start → exit)",
+            "(no goal set)",
+            f"{r['cold_start_cli_s_median']:.1f} s wall, {r['cold_start_cli_cpu_s_median']:.1f} CPU s",
+            None,
+        ),
     ]
 
 
@@ -127,18 +149,30 @@ def read_training() -> tuple[list[Row], dict[str, Any]]:
     sidecars = {v: read_json(ROOT / "models" / f"{v}.json") for v in names}
     summary = read_json(ROOT / "metrics" / "summary.json")
     done = {v: s for v, s in sidecars.items() if isinstance(s, dict) and s.get("train_seconds") is not None}
-    data = {"variants": {v: {"train_seconds": s.get("train_seconds"), "epochs_run": s.get("epochs_run"), "image_size": s.get("image_size")} for v, s in done.items()},
-            "source": fetch_source(), "best": (summary or {}).get("best")}
+    data = {
+        "variants": {
+            v: {"train_seconds": s.get("train_seconds"), "epochs_run": s.get("epochs_run"), "image_size": s.get("image_size")} for v, s in done.items()
+        },
+        "source": fetch_source(),
+        "best": (summary or {}).get("best"),
+    }
     if not done:
         return [row("training: each default variant's wall time and epochs", "total ≤ 45 min; best ≤ 10 min", NOT_RUN + " (no models/<v>.json)", NOT_RUN)], data
     src = f" (source {data['source']})" if data["source"] else ""
-    rows = [row(f"training: {v} ({s.get('image_size')} px)", "", f"{s['train_seconds'] / 60:.1f} min, {s.get('epochs_run')} epochs", None) for v, s in done.items()]
+    rows = [
+        row(f"training: {v} ({s.get('image_size')} px)", "", f"{s['train_seconds'] / 60:.1f} min, {s.get('epochs_run')} epochs", None) for v, s in done.items()
+    ]
     total = sum(s["train_seconds"] for s in done.values())
     missing = [v for v in names if v not in done]
     data["total_seconds"] = total
-    rows.append(row(f"training: all {len(names)} default variants, total{src}", "≤ 45 min",
-                    f"{total / 60:.1f} min" + (f" (missing: {', '.join(missing)})" if missing else ""),
-                    (total <= 45 * 60) if not missing else "incomplete"))
+    rows.append(
+        row(
+            f"training: all {len(names)} default variants, total{src}",
+            "≤ 45 min",
+            f"{total / 60:.1f} min" + (f" (missing: {', '.join(missing)})" if missing else ""),
+            (total <= 45 * 60) if not missing else "incomplete",
+        )
+    )
     best = data["best"]
     if best in done:
         rows.append(row(f"training: best variant ({best})", "≤ 10 min", f"{done[best]['train_seconds'] / 60:.1f} min", done[best]["train_seconds"] <= 600))
@@ -155,8 +189,14 @@ def read_quality() -> tuple[list[Row], dict[str, Any]]:
     best = (summary or {}).get("best")
     metrics = read_json(ROOT / "metrics" / f"{best}.json") if best else None
     if not best or not isinstance(metrics, dict):
-        return [row("quality of the best variant on the official test set", "acc ≥ 95%, sens ≥ 97%, spec ≥ 92%, AUC ≥ 0.985",
-                    NOT_RUN + " (no metrics/summary.json)", NOT_RUN)], {}
+        return [
+            row(
+                "quality of the best variant on the official test set",
+                "acc ≥ 95%, sens ≥ 97%, spec ≥ 92%, AUC ≥ 0.985",
+                NOT_RUN + " (no metrics/summary.json)",
+                NOT_RUN,
+            )
+        ], {}
     rows, data = [], {"best": best, "threshold": metrics.get("threshold"), "n_test": metrics.get("n_test")}
     for key, goal, short in QUALITY_GOALS:
         value = metrics.get(key)
@@ -166,20 +206,27 @@ def read_quality() -> tuple[list[Row], dict[str, Any]]:
         if ci and value is not None:
             shown += f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if key == "roc_auc" else f" (95% CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%)"
         goal_s = f"≥ {goal}" if key == "roc_auc" else f"≥ {100 * goal:.0f}%"
-        rows.append(row(f"quality: {best} test {short} (threshold {metrics.get('threshold', float('nan')):.3f} from validation, n={metrics.get('n_test')})",
-                        goal_s, shown, None if value is None else value >= goal))
+        rows.append(
+            row(
+                f"quality: {best} test {short} (threshold {metrics.get('threshold', float('nan')):.3f} from validation, n={metrics.get('n_test')})",
+                goal_s,
+                shown,
+                None if value is None else value >= goal,
+            )
+        )
     return rows, data
 
 
 # ----------------------------------------------------------------------------- runner
 
+
 @dataclass
 class Bench:
     name: str
-    script: str | None = None                  # bench/<script>, run as a subprocess
+    script: str | None = None  # bench/<script>, run as a subprocess
     args: list[str] = field(default_factory=list)
     quick_args: list[str] = field(default_factory=list)
-    result: str | None = None                  # bench/results/<result>
+    result: str | None = None  # bench/results/<result>
     rows: Callable[[dict[str, Any]], list[Row]] | None = None
     reader: Callable[[], tuple[list[Row], dict[str, Any]]] | None = None
 
@@ -260,8 +307,9 @@ def run_one(b: Bench, quick: bool, reuse: bool, timeout: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help=f"run only these (repeat or comma-separate): {', '.join(b.name for b in BENCHES)}")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="NAME", help=f"run only these (repeat or comma-separate): {', '.join(b.name for b in BENCHES)}"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats")
     parser.add_argument("--reuse", action="store_true", help="run nothing; tabulate bench/results/*.json as last written")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per benchmark script (default 3600)")
@@ -277,8 +325,10 @@ def main() -> int:
     rows = [r for rec in records for r in rec["rows"]]
     machine_after = machine_info()
 
-    print(f"\n{machine_line(machine)}; load average after: {machine_after['load_average_1_5_15'][0] if machine_after['load_average_1_5_15'] else '?'}"
-          f"{'; --quick' if args.quick else ''}{'; --reuse (figures from earlier runs)' if args.reuse else ''}")
+    print(
+        f"\n{machine_line(machine)}; load average after: {machine_after['load_average_1_5_15'][0] if machine_after['load_average_1_5_15'] else '?'}"
+        f"{'; --quick' if args.quick else ''}{'; --reuse (figures from earlier runs)' if args.reuse else ''}"
+    )
     print(table(["figure", "goal", "measured", "met?"], [(r["figure"], r["goal"], r["measured"], r["met"]) for r in rows]))
     summary = {
         "timestamp": machine["timestamp"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import DVC, ROOT, sh
+from cxr.testing.pipeline import DVC, ROOT, sh
 
 PACKAGE = "cxr"
 

@@ -136,7 +136,7 @@ def test_val_fraction_outside_unit_interval_is_refused():
 
 
 def test_scan_reads_the_tree(tmp_path):
-    from synth import write_tree
+    from cxr.testing.synth import write_tree
 
     write_tree(tmp_path / "raw", naming="mendeley")
     table = dataset.scan(tmp_path / "raw", rel_to=tmp_path)

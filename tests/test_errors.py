@@ -34,9 +34,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from httpserver import LoopbackServer
 from PIL import Image
-from synth import Counts, jpeg_bytes, make_xray, write_tree
+
+from cxr.testing.httpserver import LoopbackServer
+from cxr.testing.synth import Counts, jpeg_bytes, make_xray, write_tree
 from test_fetch import BAD
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DVC, sh
-from httpserver import LoopbackServer
-from synth import Counts, make_archive, write_tree
+
+from cxr.testing.httpserver import LoopbackServer
+from cxr.testing.pipeline import DVC, sh
+from cxr.testing.synth import Counts, make_archive, write_tree
 from test_errors import (
     ROOT,
     assert_fails_cleanly,

@@ -24,9 +24,9 @@ import yaml
 from cxr.errors import CxrError
 from cxr.archive import BudgetExceeded, coalesce, copy_capped, find_root
 from cxr.fetch import fetch
+from cxr.testing.httpserver import LoopbackServer
+from cxr.testing.synth import Counts, jpeg_bytes, make_archive, make_xray
 from cxr.transport import TAIL_BYTES
-from httpserver import LoopbackServer
-from synth import Counts, jpeg_bytes, make_archive, make_xray
 
 ROOT = Path(__file__).resolve().parent.parent
 CAP = 64 << 20

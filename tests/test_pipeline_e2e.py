@@ -12,7 +12,8 @@ import re
 
 import pytest
 import yaml
-from conftest import DVC, sh
+
+from cxr.testing.pipeline import DVC, sh
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ import time
 
 import pytest
 import yaml
-from conftest import DVC, sh
+
+from cxr.testing.pipeline import DVC, sh
 
 pytestmark = pytest.mark.slow
 

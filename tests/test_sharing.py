@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DVC, sh
-from s3server import REGION, S3Server
+
+from cxr.testing.pipeline import DVC, sh
+from cxr.testing.s3server import REGION, S3Server
 
 pytestmark = pytest.mark.slow
 

@@ -29,7 +29,7 @@ def run_stage(cwd: Path, name: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def project(tmp_path):
-    from synth import Counts, write_tree
+    from cxr.testing.synth import Counts, write_tree
 
     raw = tmp_path / "data" / "raw" / "chest_xray"
     write_tree(raw, {"train": Counts(normal=8, bacteria=8, virus=6, images_per_patient=2), "test": Counts(normal=4, bacteria=3, virus=3)}, size=(90, 70))

@@ -82,7 +82,16 @@ def write_tree(root: Path, counts: dict[str, Counts] | None = None, naming: str 
     return written
 
 
-def make_archive(zip_path: Path, layout: str = "v3", counts: dict[str, Counts] | None = None, naming: str = "kaggle", size: tuple[int, int] = (72, 64), oct_bytes: int = 20_000, seed: int = 0, compression: int = zipfile.ZIP_DEFLATED) -> Path:
+def make_archive(
+    zip_path: Path,
+    layout: str = "v3",
+    counts: dict[str, Counts] | None = None,
+    naming: str = "kaggle",
+    size: tuple[int, int] = (72, 64),
+    oct_bytes: int = 20_000,
+    seed: int = 0,
+    compression: int = zipfile.ZIP_DEFLATED,
+) -> Path:
     """Build a zip in one of the real layouts.
 
     layout "v3": CellData/chest_xray/... plus a CellData/OCT part of about `oct_bytes` (stored, so

@@ -140,7 +140,9 @@ class S3Server:
     def start(self) -> Self:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION}
         env.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)  # auth is off until enforce_auth()
-        self._proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(HOLD_LIMIT_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(HOLD_LIMIT_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         line = ""
         while time.monotonic() < deadline and self._proc.poll() is None:

@@ -34,7 +34,18 @@ class Stats:
 class LoopbackServer:
     """Serve `payload` at `/archive.zip` (any path works) on 127.0.0.1 from a background thread."""
 
-    def __init__(self, payload: bytes, *, ranges: bool = True, ignore_range_first: int = 0, drop_after: int | None = None, status: int | None = None, html: bool = False, delay_s: float = 0.0, chunk: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        payload: bytes,
+        *,
+        ranges: bool = True,
+        ignore_range_first: int = 0,
+        drop_after: int | None = None,
+        status: int | None = None,
+        html: bool = False,
+        delay_s: float = 0.0,
+        chunk: int = 64 * 1024,
+    ) -> None:
         self.payload = payload
         self.ranges = ranges
         self.ignore_range_first = ignore_range_first

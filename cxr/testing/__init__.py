@@ -1,0 +1,12 @@
+"""Synthetic data and loopback servers for the tests (tests/) and the benchmarks (bench/).
+
+Nothing here is used by the pipeline itself. Import the submodule you need; this package
+imports nothing, so `import cxr.testing` costs nothing, and moto/boto3 load only when an S3
+server is started or a client made.
+
+    cxr.testing.synth       tiny synthetic chest-X-ray archives and folders in the real layouts
+    cxr.testing.httpserver  LoopbackServer: one payload over HTTP on 127.0.0.1 (ranges, drops, errors)
+    cxr.testing.s3server    S3Server: moto's S3 and IAM on 127.0.0.1, in a child process
+    cxr.testing.pipeline    sh (run a command as `make repro` does) and build_tiny_pipeline (a
+                            throw-away git+DVC copy of the project, reproduced once on a synthetic archive)
+"""
