@@ -136,7 +136,9 @@ def select(names: Iterable[str], root: str, display: str) -> tuple[list[Pick], d
 
 def _cap_error(display: str, cap: int, declared: int | None = None) -> CxrError:
     what = f"declares {mb(declared)} uncompressed" if declared is not None else "unpacks to more than that"
-    return CxrError(f"{display}: the chest_xray part {what}, over fetch.max_uncompressed_mb = {cap / MB:g}; refusing it as a possible zip bomb (raise the limit if the archive is genuine)")
+    return CxrError(
+        f"{display}: the chest_xray part {what}, over fetch.max_uncompressed_mb = {cap / MB:g}; refusing it as a possible zip bomb (raise the limit if the archive is genuine)"
+    )
 
 
 # ---------------------------------------------------------------- writing
@@ -201,7 +203,16 @@ def copy_folder(folder: Path, display: str, dest: Path, cap: int, progress: bool
         raise _cap_error(display, cap, declared)
     rows = _write_all(picks, lambda p: open(files[p.name], "rb"), dest, cap, display, progress)
     written = sum(n for _, _, n in rows)
-    kept = Kept(root=root, members=len(picks), compressed_bytes=written, uncompressed_bytes=written, files_written=len(rows), pruned=len(files) - len(picks), counts=counts, central_directory_bytes=0)
+    kept = Kept(
+        root=root,
+        members=len(picks),
+        compressed_bytes=written,
+        uncompressed_bytes=written,
+        files_written=len(rows),
+        pruned=len(files) - len(picks),
+        counts=counts,
+        central_directory_bytes=0,
+    )
     return kept, sum(p.stat().st_size for p in files.values() if not p.is_symlink())
 
 
@@ -295,7 +306,9 @@ def extract_zip(zf: zipfile.ZipFile, display: str, dest: Path, cap: int, progres
         if info.flag_bits & 0x1:
             raise CxrError(f"{display}: member '{info.filename}' is encrypted; use an unencrypted archive")
         if info.compress_type not in METHODS:
-            raise CxrError(f"{display}: member '{info.filename}' uses compression method {info.compress_type}, which Python's zipfile cannot read (Deflate64 = 9 comes from Windows Explorer); re-pack it with plain deflate")
+            raise CxrError(
+                f"{display}: member '{info.filename}' uses compression method {info.compress_type}, which Python's zipfile cannot read (Deflate64 = 9 comes from Windows Explorer); re-pack it with plain deflate"
+            )
     declared = sum(i.file_size for i in wanted)
     if declared > cap:
         raise _cap_error(display, cap, declared)
@@ -312,8 +325,14 @@ def extract_zip(zf: zipfile.ZipFile, display: str, dest: Path, cap: int, progres
 
     rows = _write_all(picks, opener, dest, cap, display, progress)
     return Kept(
-        root=root, members=len(wanted), compressed_bytes=sum(i.compress_size for i in wanted), uncompressed_bytes=sum(n for _, _, n in rows),
-        files_written=len(rows), pruned=len(infos) - len(wanted), counts=counts, central_directory_bytes=central_directory_bytes(infos),
+        root=root,
+        members=len(wanted),
+        compressed_bytes=sum(i.compress_size for i in wanted),
+        uncompressed_bytes=sum(n for _, _, n in rows),
+        files_written=len(rows),
+        pruned=len(infos) - len(wanted),
+        counts=counts,
+        central_directory_bytes=central_directory_bytes(infos),
     )
 
 

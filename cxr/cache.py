@@ -21,7 +21,6 @@ from cxr.errors import CxrError
 from cxr.io import atomic_file, atomic_path
 
 
-
 @dataclass
 class CachedSplit:
     """One split at one size: images, labels and the manifest rows they came from."""

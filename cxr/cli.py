@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="Pneumonia vs normal in pediatric chest X-rays.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("predict", help="predict P(pneumonia) for images or folders of images", description=__doc__.split("\n\n")[2])
-    p.add_argument("paths", nargs="+", metavar="PATH", type=Path, help=f"image file or folder (searched recursively for {', '.join(IMAGE_EXTENSIONS)}; hidden entries skipped)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        type=Path,
+        help=f"image file or folder (searched recursively for {', '.join(IMAGE_EXTENSIONS)}; hidden entries skipped)",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--variant", metavar="NAME", help="use models/NAME.keras of the project")
     which.add_argument("--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)")

@@ -79,11 +79,16 @@ def scan(raw_root: Path | str, rel_to: Path | str = ".") -> pd.DataFrame:
             for f in sorted(folder.iterdir()):
                 if f.is_file() and not f.name.startswith("."):
                     p = parse_name(f.name)
-                    rows.append({
-                        "path": Path(os.path.relpath(f, rel_to)).as_posix(),
-                        "label": label, "subtype": subtype_for(label, p), "patient_id": p.patient_id,
-                        "split": split, "parsed": p.parsed,
-                    })
+                    rows.append(
+                        {
+                            "path": Path(os.path.relpath(f, rel_to)).as_posix(),
+                            "label": label,
+                            "subtype": subtype_for(label, p),
+                            "patient_id": p.patient_id,
+                            "split": split,
+                            "parsed": p.parsed,
+                        }
+                    )
     df = pd.DataFrame(rows, columns=["path", "label", "subtype", "patient_id", "split", "parsed"])
     for split in OFFICIAL_SPLITS:
         if not (df["split"] == split).any():
@@ -257,15 +262,18 @@ def guarantees(manifest: pd.DataFrame, strategy: str) -> dict:
             "no identical image (sha256) in test and train/val (train copies are dropped) nor in two folds",
         ],
         "not_guaranteed": [
-            (f"train and test disjoint by child: {shared} ids occur in both official folders and "
-             "whether one id is one child cannot be told from the data; this rests on the dataset's official split"),
+            (
+                f"train and test disjoint by child: {shared} ids occur in both official folders and "
+                "whether one id is one child cannot be told from the data; this rests on the dataset's official split"
+            ),
         ],
     }
     if strategy == "seed":
         out["val_patient_ids_in_official_train"] = len(val_ids & ids["train"])
         out["guaranteed"].append("val holds whole official-test patients: none of them (by the official test numbering) has an image left in test")
         out["not_guaranteed"].append(
-            f"val and train disjoint by child: {out['val_patient_ids_in_official_train']} of val's {len(val_ids)} patient ids also occur in the official train folder")
+            f"val and train disjoint by child: {out['val_patient_ids_in_official_train']} of val's {len(val_ids)} patient ids also occur in the official train folder"
+        )
     else:
         out["guaranteed"].append("val holds whole official-train patients, none of them in train; test is the official test set, untouched")
     return out

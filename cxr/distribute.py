@@ -32,8 +32,10 @@ from cxr.errors import CxrError
 
 MODES = ("auto", "none", "mirrored", "multi_worker")
 TASK_TYPES = ("chief", "worker")
-EXAMPLE = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}\' '
-           "(index 1 on the second machine; see docs/scaling.md)")
+EXAMPLE = (
+    'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}\' '
+    "(index 1 on the second machine; see docs/scaling.md)"
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ def read_tf_config(text: str | None) -> Task:
     cluster = config["cluster"]
     unknown = set(cluster) - set(TASK_TYPES)
     if unknown:
-        raise _config_error(f"cluster has job(s) {', '.join(sorted(unknown))}, which MultiWorkerMirroredStrategy does not use; "
-                            "list only 'worker' (and at most one 'chief')")
+        raise _config_error(
+            f"cluster has job(s) {', '.join(sorted(unknown))}, which MultiWorkerMirroredStrategy does not use; list only 'worker' (and at most one 'chief')"
+        )
     for job, addresses in cluster.items():
         if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses):
             raise _config_error(f"cluster.{job} must be a non-empty list of 'host:port' strings, got {addresses!r}")
@@ -135,13 +138,17 @@ def get_strategy(distribute: str) -> tf.distribute.Strategy:
             except RuntimeError as exc:
                 if "program startup" not in str(exc):
                     raise
-                raise CxrError("params.yaml train.distribute: multi_worker must set up its strategy before TensorFlow runs anything "
-                               "else in the process; call cxr.distribute.get_strategy('multi_worker') first (stages/train.py does)") from None
+                raise CxrError(
+                    "params.yaml train.distribute: multi_worker must set up its strategy before TensorFlow runs anything "
+                    "else in the process; call cxr.distribute.get_strategy('multi_worker') first (stages/train.py does)"
+                ) from None
         return _multi_worker
     if os.environ.get("TF_CONFIG", "").strip() and not _noted:
         _noted = True
-        print(f"note: TF_CONFIG is set but params.yaml train.distribute is {distribute}; this machine trains alone "
-              "(set train.distribute: multi_worker to train across the cluster)")
+        print(
+            f"note: TF_CONFIG is set but params.yaml train.distribute is {distribute}; this machine trains alone "
+            "(set train.distribute: multi_worker to train across the cluster)"
+        )
     if distribute == "mirrored" or (distribute == "auto" and len(tf.config.list_logical_devices("GPU")) > 1):
         if _mirrored is None:
             _mirrored = tf.distribute.MirroredStrategy()
@@ -206,8 +213,9 @@ def cluster_errors(task: Task | None) -> Iterator[None]:
         if task is None:
             raise
         detail = " ".join(str(exc.message).split())[:240]
-        raise CxrError(f"TF_CONFIG cluster: {task.type} {task.index} lost contact with another worker ({detail}); "
-                       "check every worker's log, then start all of them again") from None
+        raise CxrError(
+            f"TF_CONFIG cluster: {task.type} {task.index} lost contact with another worker ({detail}); check every worker's log, then start all of them again"
+        ) from None
 
 
 @contextlib.contextmanager

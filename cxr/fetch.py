@@ -63,7 +63,15 @@ def fetch(source: str, dest: Path | str, max_uncompressed_bytes: int, timeout_s:
     if urllib.parse.urlparse(source).scheme.lower() in ("http", "https"):
         with open_url(source, timeout_s, dest, progress) as remote, open_zip(remote.file, source, remote.content_type) as zf:
             kept = extract_zip(zf, source, dest, cap, progress, plan=remote.plan)
-        report = FetchReport(**vars(kept), source=source, dest=str(dest), used_ranges=remote.ranged, bytes_transferred=remote.http.bytes, requests=remote.http.requests, archive_bytes=remote.size)
+        report = FetchReport(
+            **vars(kept),
+            source=source,
+            dest=str(dest),
+            used_ranges=remote.ranged,
+            bytes_transferred=remote.http.bytes,
+            requests=remote.http.requests,
+            archive_bytes=remote.size,
+        )
     else:
         path = _local_path(source)
         if path.is_dir():

@@ -36,13 +36,18 @@ def plot_roc_all(results: dict[str, VariantResult], out_png: Path) -> None:
         if r.roc.empty:  # evaluate writes no curve when the test set has one class
             continue
         auc = r.metrics.get("roc_auc")
-        line, = ax.plot(r.roc["fpr"], r.roc["tpr"], label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
+        (line,) = ax.plot(r.roc["fpr"], r.roc["tpr"], label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
         sens, spec = r.metrics.get("sensitivity"), r.metrics.get("specificity")
         if sens is not None and spec is not None:
             ax.plot([1 - spec], [sens], "o", color=line.get_color())
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
-    ax.set(xlabel="False positive rate (1 − specificity)", ylabel="True positive rate (sensitivity)",
-           title="Test ROC (dots: validation threshold)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="False positive rate (1 − specificity)",
+        ylabel="True positive rate (sensitivity)",
+        title="Test ROC (dots: validation threshold)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
     ax.legend(loc="lower right", fontsize=8)
     _save(fig, out_png)
 
@@ -64,8 +69,7 @@ def plot_comparison(results: dict[str, VariantResult], out_png: Path) -> None:
         m = results[name].metrics
         values = [m.get(key) for key, _ in COMPARED]
         errors = np.array([_error_bar(v, (m.get("ci95") or {}).get(key)) for v, (key, _) in zip(values, COMPARED)]).T
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, [v if v is not None else 0 for v in values], width,
-               yerr=errors, capsize=2, label=name)
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, [v if v is not None else 0 for v in values], width, yerr=errors, capsize=2, label=name)
     ax.set_xticks(x, [label for _, label in COMPARED])
     ax.set(ylim=(0, 1.05), ylabel="Test value (95% CI, patient bootstrap)", title="Test metrics at each variant's validation threshold")
     ax.legend(fontsize=8, ncol=min(len(names), 3), loc="upper center", bbox_to_anchor=(0.5, -0.08))
@@ -146,6 +150,7 @@ def _save(fig: Any, out_png: Path, tight: bool = True) -> None:
 
 # --------------------------------------------------------------------------------- Grad-CAM
 
+
 def gradcam_examples(predictions: pd.DataFrame, per_outcome: int) -> pd.DataFrame:
     """The `per_outcome` most confident test images of each outcome (TP, FP, TN, FN).
 
@@ -165,7 +170,9 @@ def gradcam_examples(predictions: pd.DataFrame, per_outcome: int) -> pd.DataFram
     return pd.concat(picked, ignore_index=True).drop(columns="_key")
 
 
-def make_gradcam(name: str, predictions: pd.DataFrame, per_outcome: int, out_png: Path, processed: Path = Path("data/processed"), models: Path = Path("models")) -> str | None:
+def make_gradcam(
+    name: str, predictions: pd.DataFrame, per_outcome: int, out_png: Path, processed: Path = Path("data/processed"), models: Path = Path("models")
+) -> str | None:
     """Grad-CAM grid of the best variant; returns None on success or why it was skipped."""
     if per_outcome == 0:
         return "Grad-CAM disabled (report.gradcam_per_outcome = 0)"

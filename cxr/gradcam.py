@@ -98,7 +98,8 @@ def conv_and_output(model: Any) -> ConvAndOutput:
             pre = None if inputs[0] is graph.inputs[0] else keras.Model(graph.inputs, inputs[0])
             post = None if outputs[0] is graph.outputs[0] else keras.Model(outputs[0], graph.outputs[0])
 
-            def run(x: Any) -> tuple[Any, Any]:
+            # returned at once, so the loop never rebinds these; defaults make that explicit
+            def run(x: Any, pre: Any = pre, inner: Any = inner, post: Any = post) -> tuple[Any, Any]:
                 h = x if pre is None else pre(x, training=False)
                 conv, out = inner(h)
                 return conv, (out if post is None else post(out, training=False))

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 
 from cxr.constants import RESIZE_MODES
 from cxr.errors import CxrError, run_main
+
 # Pillow refuses images above ~179 MP by default; a real chest X-ray is under 10 MP.
 MAX_PIXELS = 50_000_000
 MIN_SIDE = 8

@@ -177,8 +177,9 @@ def load_images(paths: list[Path | str], size: int, resize: str) -> tuple[np.nda
         return _stack(list(pool.map(lambda p: decode(p, size, resize), paths)), size)
 
 
-def predict_files(paths: list[Path | str], loaded: LoadedModel, batch_size: int = 64,
-                  on_image: Callable[[int, np.ndarray], None] | None = None) -> list[Prediction]:
+def predict_files(
+    paths: list[Path | str], loaded: LoadedModel, batch_size: int = 64, on_image: Callable[[int, np.ndarray], None] | None = None
+) -> list[Prediction]:
     """Predict each file; a file that cannot be decoded gets `error` and the others still run.
 
     Files are decoded one batch ahead in worker threads while the model runs on the current

@@ -173,8 +173,7 @@ def calibrated_threshold(y: Any, p: Any, level: float = 0.5) -> float:
     """The raw probability at which the Platt-calibrated probability equals `level`."""
     a, b = platt_scaling(y, p)
     if a <= 0:
-        raise CxrError("Platt scaling found no increasing relation between the model's output and the labels; "
-                       "use train.threshold_rule: youden")
+        raise CxrError("Platt scaling found no increasing relation between the model's output and the labels; use train.threshold_rule: youden")
     logit = (math.log(level / (1 - level)) - b) / a
     return float(1 / (1 + math.exp(-logit)))
 

@@ -38,8 +38,10 @@ IMAGENET_SIZE = 224
 
 def _size_error(variant: VariantParams, reason: Exception | str) -> CxrError:
     detail = " ".join(str(reason).split())[:200]
-    return CxrError(f"params.yaml variants.{variant.name}.image_size: {variant.image_size} px is too small or invalid for model "
-                    f"'{variant.model}' ({detail}); use a larger size")
+    return CxrError(
+        f"params.yaml variants.{variant.name}.image_size: {variant.image_size} px is too small or invalid for model "
+        f"'{variant.model}' ({detail}); use a larger size"
+    )
 
 
 def gray_to_rgb(x: Any) -> Any:
@@ -177,12 +179,16 @@ def _imagenet_reference(backbone: str, alpha: float, alpha_key: str) -> keras.Mo
     try:
         return _application(backbone, alpha, IMAGENET_SIZE, "imagenet")
     except ValueError as exc:
-        raise CxrError(f"params.yaml {alpha_key}: no ImageNet weights for {backbone} with alpha {alpha} "
-                       f"({' '.join(str(exc).split())[:160]}); use another alpha or transfer.weights: none") from None
+        raise CxrError(
+            f"params.yaml {alpha_key}: no ImageNet weights for {backbone} with alpha {alpha} "
+            f"({' '.join(str(exc).split())[:160]}); use another alpha or transfer.weights: none"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - Keras raises a bare Exception when the download fails
-        raise CxrError(f"params.yaml transfer.weights: ImageNet weights for {backbone} (alpha {alpha}) are not in "
-                       f"$KERAS_HOME/models and could not be downloaded ({' '.join(str(exc).split())[:160]}); "
-                       "set KERAS_HOME=../shared/keras, go online, or use weights: none") from None
+        raise CxrError(
+            f"params.yaml transfer.weights: ImageNet weights for {backbone} (alpha {alpha}) are not in "
+            f"$KERAS_HOME/models and could not be downloaded ({' '.join(str(exc).split())[:160]}); "
+            "set KERAS_HOME=../shared/keras, go online, or use weights: none"
+        ) from None
 
 
 def freeze_batchnorm(model: keras.Model) -> None:
@@ -268,8 +274,10 @@ def build_transfer_finetuned(variant: VariantParams) -> keras.Model:
         raise CxrError(f"params.yaml variants.{variant.name}.image_size: {variant.image_size} px differs from {path}'s input ({size} px); make them equal")
     has_augment = any(layer.name == AUGMENT_NAME for layer in model.layers)
     if has_augment != variant.augment:
-        raise CxrError(f"params.yaml variants.{variant.name}.augment: {variant.augment} but {path} was trained with augment={has_augment}; "
-                       "augmentation comes from the init_from model, so make them equal")
+        raise CxrError(
+            f"params.yaml variants.{variant.name}.augment: {variant.augment} but {path} was trained with augment={has_augment}; "
+            "augmentation comes from the init_from model, so make them equal"
+        )
     base = find_backbone(model)
     # Setting a container's `trainable` recurses into its layers, so set it first, then the layers.
     base.trainable = True
@@ -288,8 +296,10 @@ def _trainable_from(base: keras.Model, value: Any, variant: VariantParams) -> in
         return value % len(names)
     if isinstance(value, str) and value in names:
         return names.index(value)
-    raise CxrError(f"params.yaml variants.{variant.name}.trainable_from: {value!r} is neither a layer name of the backbone "
-                   f"nor an index in [-{len(names)}, {len(names) - 1}]; e.g. 'block_13_expand' or -30")
+    raise CxrError(
+        f"params.yaml variants.{variant.name}.trainable_from: {value!r} is neither a layer name of the backbone "
+        f"nor an index in [-{len(names)}, {len(names) - 1}]; e.g. 'block_13_expand' or -30"
+    )
 
 
 def build_modern(variant: VariantParams, transfer: TransferParams, seed: int) -> keras.Model:

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from cxr.errors import CxrError, run_main
 from cxr.constants import RESIZE_MODES
+from cxr.errors import CxrError, run_main
 
 PARAMS_FILE = Path("params.yaml")
 # With this variable set to a file, every params key a process reads is appended to it at exit
@@ -60,6 +60,7 @@ def _sectioned(obj: Any, section: str) -> Any:
     object.__setattr__(obj, "_section", section)
     return obj
 
+
 MODELS = ("dense", "cnn", "transfer_features", "transfer_frozen", "transfer_finetuned", "modern")
 BACKBONES = ("vgg19", "vgg16", "mobilenet_v2", "mobilenet", "densenet121")
 OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
@@ -69,8 +70,16 @@ DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
 MIN_MODEL_SIZE = {"cnn": 46}
 # Knobs a builder reads beyond the common variant keys (see cxr/models.py), with their defaults.
 MODEL_EXTRAS: dict[str, dict[str, Any]] = {
-    "modern": {"backbone": "mobilenet_v2", "alpha": 0.5, "dropout": 0.2, "trainable_from": None, "weight_decay": 1e-4,
-               "label_smoothing": 0.0, "augment_strength": 1.0, "warmup_fraction": 0.1},
+    "modern": {
+        "backbone": "mobilenet_v2",
+        "alpha": 0.5,
+        "dropout": 0.2,
+        "trainable_from": None,
+        "weight_decay": 1e-4,
+        "label_smoothing": 0.0,
+        "augment_strength": 1.0,
+        "warmup_fraction": 0.1,
+    },
 }
 # Models built on an ImageNet backbone: `transfer.*` gives its name and width unless the variant has its own.
 BACKBONE_MODELS = ("transfer_features", "transfer_frozen", "transfer_finetuned", "modern")
@@ -292,8 +301,11 @@ def _check_extras(v: VariantParams, key: str) -> None:
     _number_in(v.option("augment_strength"), f"{key}.augment_strength", 0, 5, "(]")
     _number_in(v.option("warmup_fraction"), f"{key}.warmup_fraction", 0, 1)
     start = v.option("trainable_from")
-    _check(start is None or isinstance(start, str) or (isinstance(start, int) and not isinstance(start, bool)), f"{key}.trainable_from",
-           f"must be a backbone layer name or an integer index, got {start!r}")
+    _check(
+        start is None or isinstance(start, str) or (isinstance(start, int) and not isinstance(start, bool)),
+        f"{key}.trainable_from",
+        f"must be a backbone layer name or an integer index, got {start!r}",
+    )
 
 
 def parse(raw: dict[str, Any]) -> Params:
@@ -365,8 +377,16 @@ def parse(raw: dict[str, Any]) -> Params:
     _positive_int(evaluate.bootstrap_samples, "evaluate.bootstrap_samples")
     _positive_int(evaluate.calibration_bins, "evaluate.calibration_bins")
     report = _build(ReportParams, "report", _section(raw, "report", required=False))
-    for section, obj in (("fetch", fetch), ("split", split), ("preprocess", pre), ("train", train), ("transfer", transfer),
-                         ("evaluate", evaluate), ("report", report), *((f"variants.{n}", v) for n, v in variants.items())):
+    for section, obj in (
+        ("fetch", fetch),
+        ("split", split),
+        ("preprocess", pre),
+        ("train", train),
+        ("transfer", transfer),
+        ("evaluate", evaluate),
+        ("report", report),
+        *((f"variants.{n}", v) for n, v in variants.items()),
+    ):
         _sectioned(obj, section)
     return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report)
 

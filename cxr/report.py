@@ -26,10 +26,10 @@ import jinja2
 import pandas as pd
 
 from cxr import sidecar
-from cxr.sidecar import Sidecar
 from cxr.constants import NEGATIVE, POSITIVE, SPLITS
 from cxr.errors import CxrError
 from cxr.metrics import specificity_by_series
+from cxr.sidecar import Sidecar
 
 SELECTED_BY = "validation roc_auc"
 PREDICTION_COLUMNS = ("path", "label", "probability", "actual", "predicted")
@@ -135,6 +135,7 @@ def read_training_curves(folder: Path) -> dict[str, pd.DataFrame]:
 
 # ------------------------------------------------------------------------- selection, summary
 
+
 def pick_best(val_aucs: dict[str, float | None]) -> str:
     """The variant with the highest validation AUC; ties go to the alphabetically first name."""
     known = {name: auc for name, auc in val_aucs.items() if auc is not None}
@@ -165,11 +166,14 @@ def build_summary(results: dict[str, VariantResult]) -> dict[str, Any]:
 
 def series_specificity(results: dict[str, VariantResult]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per variant, test specificity per file-name series of the normal images (from predictions.csv)."""
-    return {name: specificity_by_series(r.predictions["label"], r.predictions["probability"], r.predictions["path"], r.metrics["threshold"])
-            for name, r in results.items()}
+    return {
+        name: specificity_by_series(r.predictions["label"], r.predictions["probability"], r.predictions["path"], r.metrics["threshold"])
+        for name, r in results.items()
+    }
 
 
 # ------------------------------------------------------------------------------ page context
+
 
 def git_commit(cwd: Path = Path(".")) -> str:
     """Short commit hash of the working tree, or 'unknown' outside git."""
@@ -195,12 +199,16 @@ def pneumonia_share(audit: dict[str, Any], split: str) -> float | None:
 def split_description(strategy: str, val_fraction: float) -> str:
     """One sentence on how validation was made (from params.split)."""
     if strategy == "patient_grouped":
-        return (f"patient_grouped: validation is {val_fraction:.0%} of the training patients (stratified by class and "
-                "subtype; children sharing an identical image are kept together), so no child is in both train and "
-                "validation; the official test set is kept as published.")
+        return (
+            f"patient_grouped: validation is {val_fraction:.0%} of the training patients (stratified by class and "
+            "subtype; children sharing an identical image are kept together), so no child is in both train and "
+            "validation; the official test set is kept as published."
+        )
     if strategy == "seed":
-        return ("seed: the seed notebook's protocol, 16 NORMAL and 16 PNEUMONIA (8 bacterial, 8 viral) test images "
-                "moved to validation; validation images may share patients with the test set.")
+        return (
+            "seed: the seed notebook's protocol, 16 NORMAL and 16 PNEUMONIA (8 bacterial, 8 viral) test images "
+            "moved to validation; validation images may share patients with the test set."
+        )
     return f"{strategy}"
 
 
@@ -211,10 +219,18 @@ def data_rows(audit: dict[str, Any]) -> list[dict[str, Any]]:
     for split in [s for s in SPLITS if s in counts] + sorted(set(counts) - set(SPLITS)):
         c = _dict(counts[split])
         lab, sub = _dict(c.get("by_label")), _dict(c.get("by_subtype"))
-        rows.append({"split": split, "images": c.get("images", "—"), "patients": c.get("patients", "—"),
-                     "normal": lab.get(NEGATIVE, 0), "pneumonia": lab.get(POSITIVE, 0),
-                     "bacteria": sub.get("PNEUMONIA/bacteria", 0), "virus": sub.get("PNEUMONIA/virus", 0),
-                     "share": pneumonia_share(audit, split)})
+        rows.append(
+            {
+                "split": split,
+                "images": c.get("images", "—"),
+                "patients": c.get("patients", "—"),
+                "normal": lab.get(NEGATIVE, 0),
+                "pneumonia": lab.get(POSITIVE, 0),
+                "bacteria": sub.get("PNEUMONIA/bacteria", 0),
+                "virus": sub.get("PNEUMONIA/virus", 0),
+                "share": pneumonia_share(audit, split),
+            }
+        )
     return rows
 
 

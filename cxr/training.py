@@ -62,16 +62,19 @@ def check_inputs(variant: VariantParams, params: Params, train: CachedSplit, val
         raise CxrError(f"params.yaml variants.{variant.name}.{key}: must be a positive integer, got {epochs!r}")
     for name, split in (("train", train), ("val", val)):
         if split.x.shape[1:] != (variant.image_size, variant.image_size, 1):
-            raise CxrError(f"the {name} cache holds {split.x.shape[1:]} images but variants.{variant.name}.image_size is "
-                           f"{variant.image_size}; rerun `dvc repro preprocess`")
+            raise CxrError(
+                f"the {name} cache holds {split.x.shape[1:]} images but variants.{variant.name}.image_size is "
+                f"{variant.image_size}; rerun `dvc repro preprocess`"
+            )
         if set(np.unique(split.y).tolist()) != {0, 1}:
             raise CxrError(f"the {name} split needs both NORMAL and PNEUMONIA images (its {len(split)} images are not both); check split / preprocess")
     if variant.model == "transfer_features" and variant.augment:
-        raise CxrError(f"params.yaml variants.{variant.name}.augment: transfer_features computes each image's features once, "
-                       "so it cannot augment; set augment: false (transfer_frozen augments)")
+        raise CxrError(
+            f"params.yaml variants.{variant.name}.augment: transfer_features computes each image's features once, "
+            "so it cannot augment; set augment: false (transfer_frozen augments)"
+        )
     if variant.batch_size > len(train):
-        raise CxrError(f"params.yaml variants.{variant.name}.batch_size: {variant.batch_size} is larger than the training set "
-                       f"({len(train)} images); lower it")
+        raise CxrError(f"params.yaml variants.{variant.name}.batch_size: {variant.batch_size} is larger than the training set ({len(train)} images); lower it")
     return epochs
 
 
@@ -147,8 +150,18 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoc
     return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
-def fit_arrays(model: keras.Model, variant: VariantParams, params: Params, x_train: np.ndarray, y_train: np.ndarray,
-               x_val: np.ndarray, y_val: np.ndarray, epochs: int, cbs: list, verbose: int) -> keras.callbacks.History:
+def fit_arrays(
+    model: keras.Model,
+    variant: VariantParams,
+    params: Params,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    epochs: int,
+    cbs: list,
+    verbose: int,
+) -> keras.callbacks.History:
     """model.fit on seeded, shuffled tf.data batches with balanced class weights; `variant.batch_size`
     images per replica, so each step sees batch_size × replicas (the learning rate is unchanged)."""
     batch = global_batch_size(variant.batch_size, model.distribute_strategy)
@@ -191,8 +204,9 @@ def fit_on_features(variant: VariantParams, params: Params, train: CachedSplit, 
     return model, history, predict_arrays(model, val.x)
 
 
-def train_variant(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit,
-                  live_dir: Path | str | None = None, verbose: int = 2) -> TrainResult:
+def train_variant(
+    variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, live_dir: Path | str | None = None, verbose: int = 2
+) -> TrainResult:
     """Train `variant` on the given splits and choose its threshold on `val`.
 
     Writes only `live_dir` (DVCLive's per-epoch plots and metrics.json) when given.
@@ -218,8 +232,10 @@ def train_variant(variant: VariantParams, params: Params, train: CachedSplit, va
                 live.log_metric(f"best/val_{key}", m[key], plot=False)
             live.log_metric("best/threshold", threshold, plot=False)
     epochs_run = len(history.epoch)
-    print(f"train@{variant.name}: {epochs_run} epoch(s) in {seconds:.1f} s; val roc_auc={summary.roc_auc:.3f} "
-          f"threshold={threshold:.3f} ({params.train.threshold_rule}) sensitivity={summary.sensitivity:.3f} specificity={summary.specificity:.3f}")
+    print(
+        f"train@{variant.name}: {epochs_run} epoch(s) in {seconds:.1f} s; val roc_auc={summary.roc_auc:.3f} "
+        f"threshold={threshold:.3f} ({params.train.threshold_rule}) sensitivity={summary.sensitivity:.3f} specificity={summary.specificity:.3f}"
+    )
     meta = sidecar(variant, params, threshold, summary, epochs_run, seconds)
     return TrainResult(model=model, meta=meta, history={k: [float(v) for v in vals] for k, vals in history.history.items()})
 
@@ -229,9 +245,19 @@ def sidecar(variant: VariantParams, params: Params, threshold: float, val: ValSu
     variant_params = {k: v for k, v in asdict(variant).items() if k not in ("name", "extra")} | dict(variant.extra)
     if variant.model in BACKBONE_MODELS:
         variant_params["transfer"] = asdict(variant.backbone(params.transfer))
-    return Sidecar(variant=variant.name, model=variant.model, image_size=variant.image_size, resize=params.preprocess.resize,
-                   threshold=threshold, threshold_rule=params.train.threshold_rule, val=val, epochs_run=epochs_run,
-                   train_seconds=round(seconds, 2), seed=params.seed, params=variant_params)
+    return Sidecar(
+        variant=variant.name,
+        model=variant.model,
+        image_size=variant.image_size,
+        resize=params.preprocess.resize,
+        threshold=threshold,
+        threshold_rule=params.train.threshold_rule,
+        val=val,
+        epochs_run=epochs_run,
+        train_seconds=round(seconds, 2),
+        seed=params.seed,
+        params=variant_params,
+    )
 
 
 def save_result(result: TrainResult, model_path: Path | str, meta_path: Path | str) -> None:

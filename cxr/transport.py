@@ -77,7 +77,9 @@ class Http:
         except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, TimeoutError):
-                raise TransientError(f"{self.url}: no answer within {self.timeout_s:g} s (fetch.timeout_s); check the URL and network, or raise the timeout") from None
+                raise TransientError(
+                    f"{self.url}: no answer within {self.timeout_s:g} s (fetch.timeout_s); check the URL and network, or raise the timeout"
+                ) from None
             raise TransientError(f"{self.url}: cannot download ({' '.join(str(reason).split()) or type(reason).__name__}); check the URL and network") from None
         self.resolved = response.geturl()
         return response

@@ -1,6 +1,6 @@
 """Stage `report`: compare all variants, pick the best by validation AUC, write the HTML report.
 
-    python stages/report.py       # (dvc repro report) → metrics/summary.json, plots/report.html, plots/figures/*.png
+python stages/report.py       # (dvc repro report) → metrics/summary.json, plots/report.html, plots/figures/*.png
 """
 
 from __future__ import annotations
@@ -32,10 +32,20 @@ def main() -> int:
         else:
             notes.append(skipped)
             print(f"report: {skipped}", file=sys.stderr)
-        page = report.render_html(report.ReportInputs(
-            summary=summary, results=results, audit=report.read_audit(Path("data/split/audit.json")),
-            split_strategy=params.split.strategy, val_fraction=params.split.val_fraction, figures=figures,
-            notes=notes, commit=report.git_commit(), machine=report.machine(), source=params.fetch.source))
+        page = report.render_html(
+            report.ReportInputs(
+                summary=summary,
+                results=results,
+                audit=report.read_audit(Path("data/split/audit.json")),
+                split_strategy=params.split.strategy,
+                val_fraction=params.split.val_fraction,
+                figures=figures,
+                notes=notes,
+                commit=report.git_commit(),
+                machine=report.machine(),
+                source=params.fetch.source,
+            )
+        )
         with atomic_file(Path("plots/report.html")) as fh:
             fh.write(page)
         write_json(Path("metrics/summary.json"), summary)

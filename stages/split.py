@@ -1,6 +1,6 @@
 """Stage `split`: the manifest of usable images with train/val/test and cross-validation folds, and the data audit.
 
-    python stages/split.py        # (dvc repro split) data/raw → data/split/{manifest.csv,audit.json}
+python stages/split.py        # (dvc repro split) data/raw → data/split/{manifest.csv,audit.json}
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from cxr import dataset, params as cxr_params
+from cxr import dataset
+from cxr import params as cxr_params
 from cxr.constants import SPLITS
 from cxr.errors import run_main
 from cxr.images import DRAFT_MIN_SIDE, ImageError, open_image
@@ -71,8 +72,11 @@ def main() -> int:
         manifest.to_csv(fh, index=False)
     write_json(OUT / "audit.json", audit)
     c = audit["counts"]
-    print(f"split ({params.split.strategy}): " + ", ".join(f"{s} {c[s]['images']} ({c[s]['patients']} patients)" for s in SPLITS)
-          + f"; {params.split.folds or 'no'} folds; excluded {len(bad)}; duplicate groups {audit['duplicates']['groups']}")
+    print(
+        f"split ({params.split.strategy}): "
+        + ", ".join(f"{s} {c[s]['images']} ({c[s]['patients']} patients)" for s in SPLITS)
+        + f"; {params.split.folds or 'no'} folds; excluded {len(bad)}; duplicate groups {audit['duplicates']['groups']}"
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """`cxr predict`: model choice, folder search, output formats, exit codes, Grad-CAM files.
 
-    .venv/bin/pytest tests/test_cli.py
+.venv/bin/pytest tests/test_cli.py
 """
 
 from __future__ import annotations
@@ -203,7 +203,11 @@ def test_gradcam_writes_one_png_per_image(project, images, tmp_path, capsys, mon
 
 def test_gradcam_names_are_unique():
     assert gradcam_names([Path("x/a.png"), Path("y/a.jpg"), Path("b.png"), Path("z/a.tif")]) == [
-        "a_gradcam.png", "a-2_gradcam.png", "b_gradcam.png", "a-3_gradcam.png"]
+        "a_gradcam.png",
+        "a-2_gradcam.png",
+        "b_gradcam.png",
+        "a-3_gradcam.png",
+    ]
 
 
 def test_python_dash_m_runs_and_hides_the_traceback(tmp_path, images):
@@ -212,7 +216,9 @@ def test_python_dash_m_runs_and_hides_the_traceback(tmp_path, images):
     proc = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(images[0])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == ""
     assert "error: " in proc.stderr and "summary.json not found" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(images[0]), "--verbose"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr.cli", "predict", str(images[0]), "--verbose"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
 

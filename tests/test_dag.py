@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from cxr.testing.pipeline import DVC, ROOT, sh
 
 PACKAGE = "cxr"
@@ -108,6 +109,7 @@ def test_import_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
 
 # --- on the tiny pipeline: what the stages really read, and what `dvc status` says ----------
 
+
 def _stage_of_command(root: Path) -> dict[str, str]:
     """'stages/train.py cnn_baseline' → 'train@cnn_baseline', from dvc.lock (foreach expanded)."""
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -137,7 +139,7 @@ def test_editing_a_module_makes_dvc_status_name_every_stage_that_imports_it(tiny
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     by_command = _stage_of_command(work)
     imports = {by_command[" ".join(entry["cmd"].split()[1:])]: project_imports(work / entry["cmd"].split()[1], work) for entry in lock.values()}
-    modules = sorted(p.relative_to(work).as_posix() for p in (work / PACKAGE).rglob("*.py")) 
+    modules = sorted(p.relative_to(work).as_posix() for p in (work / PACKAGE).rglob("*.py"))
     assert len(modules) > 10
     for module in modules:
         importers = {stage for stage, mods in imports.items() if module in mods}

@@ -46,8 +46,16 @@ def fake_images(n_patients: int = 60, per_patient: int = 3, seed: int = 0) -> pd
             subtype = ("normal", "bacteria", "virus")[p % 3]
             label = "NORMAL" if subtype == "normal" else "PNEUMONIA"
             for k in range(int(rng.integers(1, per_patient + 1))):
-                rows.append({"path": f"{split}/{label}/{subtype}-{p}-{k}.jpeg", "label": label, "subtype": subtype,
-                             "patient_id": f"{split}{p}", "split": split, "sha256": f"{split}-{p}-{k}"})
+                rows.append(
+                    {
+                        "path": f"{split}/{label}/{subtype}-{p}-{k}.jpeg",
+                        "label": label,
+                        "subtype": subtype,
+                        "patient_id": f"{split}{p}",
+                        "split": split,
+                        "sha256": f"{split}-{p}-{k}",
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -103,8 +111,16 @@ def test_seed_protocol_moves_16_normal_and_8_plus_8_pneumonia_from_test():
     extra = []
     for subtype, label in (("normal", "NORMAL"), ("bacteria", "PNEUMONIA"), ("virus", "PNEUMONIA")):
         for i in range(20):
-            extra.append({"path": f"test/{label}/x-{subtype}-{i}.jpeg", "label": label, "subtype": subtype,
-                          "patient_id": f"t{subtype}{i}", "split": "test", "sha256": f"x{subtype}{i}"})
+            extra.append(
+                {
+                    "path": f"test/{label}/x-{subtype}-{i}.jpeg",
+                    "label": label,
+                    "subtype": subtype,
+                    "patient_id": f"t{subtype}{i}",
+                    "split": "test",
+                    "sha256": f"x{subtype}{i}",
+                }
+            )
     images = pd.concat([images, pd.DataFrame(extra)], ignore_index=True)
     manifest, _ = dataset.make_manifest(images, "seed", 0.1, seed=7)
     val = manifest[manifest.split == "val"]
@@ -214,8 +230,16 @@ def test_ids_repeated_across_official_folders_are_different_patients():
     for subtype, label in (("normal", "NORMAL"), ("bacteria", "PNEUMONIA"), ("virus", "PNEUMONIA")):
         for i in range(20):
             for k in range(1 + i % 3):  # patients of 1-3 images: the protocol must move them whole
-                extra.append({"path": f"test/{label}/x-{subtype}-{i}-{k}.jpeg", "label": label, "subtype": subtype,
-                              "patient_id": f"train{i}" if subtype == "bacteria" else f"t{subtype}{i}", "split": "test", "sha256": f"x{subtype}{i}-{k}"})
+                extra.append(
+                    {
+                        "path": f"test/{label}/x-{subtype}-{i}-{k}.jpeg",
+                        "label": label,
+                        "subtype": subtype,
+                        "patient_id": f"train{i}" if subtype == "bacteria" else f"t{subtype}{i}",
+                        "split": "test",
+                        "sha256": f"x{subtype}{i}-{k}",
+                    }
+                )
     images = pd.concat([images, pd.DataFrame(extra)], ignore_index=True)
     for seed in range(5):
         manifest, _ = dataset.make_manifest(images, "seed", 0.1, seed=seed, folds=3)

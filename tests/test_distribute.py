@@ -80,8 +80,12 @@ def private_loopback() -> Iterator[list[str]]:
         yield []
         return
     # unshare execs the shell, so holder.pid is inside the new namespaces until it is killed.
-    holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "sh", "-c", "ip link set lo up && echo ready && exec sleep 900"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    holder = subprocess.Popen(
+        ["unshare", "--user", "--map-root-user", "--net", "sh", "-c", "ip link set lo up && echo ready && exec sleep 900"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         ready = holder.stdout.readline().strip() == "ready"  # "" when unshare is refused
         yield ["nsenter", f"--target={holder.pid}", "--user", "--net", "--preserve-credentials"] if ready else []
@@ -104,6 +108,7 @@ def free_ports(n: int) -> list[int]:
 
 
 # --- strategy choice and TF_CONFIG ----------------------------------------------------------
+
 
 def test_get_strategy_choices(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -139,8 +144,11 @@ def test_multi_worker_after_other_tensorflow_work_is_a_clear_error(monkeypatch):
     assert float(tf.constant(1.0) + 1) == 2.0  # TensorFlow has run: too late to set up collective ops
     port = free_ports(1)[0]
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}}))
-    with pytest.raises(CxrError, match=r"^params.yaml train.distribute: multi_worker must set up its strategy before TensorFlow runs "
-                                       r"anything else in the process; call cxr.distribute.get_strategy\('multi_worker'\) first"):
+    with pytest.raises(
+        CxrError,
+        match=r"^params.yaml train.distribute: multi_worker must set up its strategy before TensorFlow runs "
+        r"anything else in the process; call cxr.distribute.get_strategy\('multi_worker'\) first",
+    ):
         get_strategy("multi_worker")
     assert distribute._multi_worker is None
 
@@ -149,23 +157,28 @@ def test_a_lost_worker_is_one_clear_line():
     lost = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: task 1 stopped sending heartbeats.\nmore")
     with pytest.raises(CxrError) as info, distribute.cluster_errors(Task("worker", 0, {"worker": ["a:1", "b:2"]})):
         raise lost
-    assert str(info.value) == ("TF_CONFIG cluster: worker 0 lost contact with another worker (Collective ops is aborted by: task 1 "
-                               "stopped sending heartbeats. more); check every worker's log, then start all of them again")
+    assert str(info.value) == (
+        "TF_CONFIG cluster: worker 0 lost contact with another worker (Collective ops is aborted by: task 1 "
+        "stopped sending heartbeats. more); check every worker's log, then start all of them again"
+    )
     with pytest.raises(tf.errors.UnavailableError), distribute.cluster_errors(None):  # not in a cluster: TensorFlow's own error
         raise lost
 
 
-@pytest.mark.parametrize("config, detail", [
-    ('[]', "must be a JSON object with 'cluster' and 'task' objects"),
-    ('{"cluster": {"worker": ["a:1"]}}', "must be a JSON object with 'cluster' and 'task' objects"),
-    ('{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}', "cluster has job(s) ps"),
-    ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}', "cluster.worker must be a non-empty list of 'host:port'"),
-    ('{"cluster": {"worker": ["hostonly"]}, "task": {"type": "worker", "index": 0}}', "cluster.worker must be a non-empty list of 'host:port'"),
-    ('{"cluster": {"chief": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "has no cluster.worker list"),
-    ('{"cluster": {"chief": ["a:1", "b:2"], "worker": ["c:3"]}, "task": {"type": "chief", "index": 0}}', "at most one chief"),
-    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "task.type 'chief' is not a job of the cluster (worker)"),
-    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "task.index 2 is not in 0..1"),
-])
+@pytest.mark.parametrize(
+    "config, detail",
+    [
+        ("[]", "must be a JSON object with 'cluster' and 'task' objects"),
+        ('{"cluster": {"worker": ["a:1"]}}', "must be a JSON object with 'cluster' and 'task' objects"),
+        ('{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}', "cluster has job(s) ps"),
+        ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}', "cluster.worker must be a non-empty list of 'host:port'"),
+        ('{"cluster": {"worker": ["hostonly"]}, "task": {"type": "worker", "index": 0}}', "cluster.worker must be a non-empty list of 'host:port'"),
+        ('{"cluster": {"chief": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "has no cluster.worker list"),
+        ('{"cluster": {"chief": ["a:1", "b:2"], "worker": ["c:3"]}, "task": {"type": "chief", "index": 0}}', "at most one chief"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "task.type 'chief' is not a job of the cluster (worker)"),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "task.index 2 is not in 0..1"),
+    ],
+)
 def test_malformed_tf_config_is_a_clear_error(config, detail):
     with pytest.raises(CxrError) as info:
         read_tf_config(config)
@@ -191,6 +204,7 @@ def test_tf_config_with_another_mode_prints_a_note(monkeypatch, capsys):
 
 
 # --- global batch and data order -----------------------------------------------------------
+
 
 class _Replicas:
     def __init__(self, n: int):
@@ -237,6 +251,7 @@ def test_mirrored_one_replica_trains_like_no_strategy(monkeypatch):
 
 # --- mixed precision -------------------------------------------------------------------------
 
+
 @pytest.fixture
 def float32_afterwards():
     yield
@@ -267,6 +282,7 @@ def test_mixed_precision_on_cpu_falls_back_to_float32_with_a_note(float32_afterw
 
 
 # --- a real two-worker cluster on 127.0.0.1 --------------------------------------------------
+
 
 def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path):
     chief = make_project(tmp_path / "chief", raw_params("multi_worker", batch_size=PER_REPLICA))

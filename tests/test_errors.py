@@ -174,8 +174,7 @@ def fetch_runs(tmp_path_factory) -> dict[str, tuple[Path, dict, str, subprocess.
     """Every archive case through `python stages/fetch.py`, in a project that already holds a
     previous data/raw; name → (project, snapshot before, source, result)."""
     base = tmp_path_factory.mktemp("fetch")
-    sources: dict[str, tuple[str | bytes, int, dict[str, str]]] = {
-        name: (BAD[name][0], BAD[name][2], {}) for name in ARCHIVES}
+    sources: dict[str, tuple[str | bytes, int, dict[str, str]]] = {name: (BAD[name][0], BAD[name][2], {}) for name in ARCHIVES}
     sources["text-file"] = (TEXT_FILE, 64 * MB, {})
     sources["debug"] = (BAD["truncated"][0], 64 * MB, {"CXR_DEBUG": "1"})
     with LoopbackServer(b"unused", status=404) as missing, LoopbackServer(b"unused", html=True) as login:
@@ -212,8 +211,7 @@ def test_bad_archive_is_one_line_and_keeps_the_previous_data(case, fetch_runs):
     assert_unchanged(before, project)  # data/raw as it was, no temporary folder left in data/
 
 
-@pytest.mark.parametrize("case, why", [("http-404", "HTTP 404 Not Found; check fetch.source"),
-                                       ("http-html", "is not a zip archive (got text/html")])
+@pytest.mark.parametrize("case, why", [("http-404", "HTTP 404 Not Found; check fetch.source"), ("http-html", "is not a zip archive (got text/html")])
 def test_http_failure_names_the_url(case, why, fetch_runs):
     project, before, url, done = fetch_runs[case]
     assert url.startswith("http://127.0.0.1:")
@@ -235,11 +233,16 @@ def cache_split(n: int, size: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]
     """A preprocessed split of n random images, half of each class (for `cxr.cache.write_split`)."""
     rng = np.random.default_rng(seed)
     labels = ["NORMAL", "PNEUMONIA"] * (n // 2)
-    rows = pd.DataFrame({
-        "path": [f"data/raw/chest_xray/train/{lab}/im{seed}-{i}.jpeg" for i, lab in enumerate(labels)],
-        "label": labels, "subtype": ["normal" if lab == "NORMAL" else "bacteria" for lab in labels],
-        "patient_id": [f"p{seed}-{i}" for i in range(n)], "split": "train", "sha256": [f"{seed:02d}{i:062d}" for i in range(n)],
-    })
+    rows = pd.DataFrame(
+        {
+            "path": [f"data/raw/chest_xray/train/{lab}/im{seed}-{i}.jpeg" for i, lab in enumerate(labels)],
+            "label": labels,
+            "subtype": ["normal" if lab == "NORMAL" else "bacteria" for lab in labels],
+            "patient_id": [f"p{seed}-{i}" for i in range(n)],
+            "split": "train",
+            "sha256": [f"{seed:02d}{i:062d}" for i in range(n)],
+        }
+    )
     return rng.integers(0, 256, (n, size, size, 1), dtype=np.uint8), rows
 
 
@@ -266,25 +269,40 @@ def params_project(folder: Path, edit: Callable[[dict], None] | str | None, trip
 PARAM_CASES = {
     # case: (stage and arguments, params edit, texts of the error line)
     "unknown-variant": (["train", "nope"], None, ["unknown variant 'nope' in params.yaml variants", "known: cnn_augmented, cnn_baseline"]),
-    "unknown-backbone": (["train", "transfer_frozen"], set_key("transfer.backbone", "alexnet"),
-                         ["params.yaml transfer.backbone: 'alexnet' is not one of vgg19, vgg16, mobilenet_v2"]),
-    "zero-epochs": (["train", "cnn_baseline"], set_key("variants.cnn_baseline.epochs", 0),
-                    ["params.yaml variants.cnn_baseline.epochs: must be a positive integer, got 0"]),
-    "negative-epochs": (["train", "cnn_baseline"], set_key("variants.cnn_baseline.epochs", -3),
-                        ["params.yaml variants.cnn_baseline.epochs: must be a positive integer, got -3"]),
+    "unknown-backbone": (
+        ["train", "transfer_frozen"],
+        set_key("transfer.backbone", "alexnet"),
+        ["params.yaml transfer.backbone: 'alexnet' is not one of vgg19, vgg16, mobilenet_v2"],
+    ),
+    "zero-epochs": (
+        ["train", "cnn_baseline"],
+        set_key("variants.cnn_baseline.epochs", 0),
+        ["params.yaml variants.cnn_baseline.epochs: must be a positive integer, got 0"],
+    ),
+    "negative-epochs": (
+        ["train", "cnn_baseline"],
+        set_key("variants.cnn_baseline.epochs", -3),
+        ["params.yaml variants.cnn_baseline.epochs: must be a positive integer, got -3"],
+    ),
     "val-fraction-0": (["split"], set_key("split.val_fraction", 0), ["params.yaml split.val_fraction: must be between 0 and 1 (exclusive), got 0"]),
     "val-fraction-1": (["split"], set_key("split.val_fraction", 1.0), ["params.yaml split.val_fraction: must be between 0 and 1 (exclusive), got 1.0"]),
     "val-fraction-negative": (["split"], set_key("split.val_fraction", -0.2), ["params.yaml split.val_fraction", "got -0.2"]),
     "one-fold": (["split"], set_key("split.folds", 1), ["params.yaml split.folds: must be 0 (no folds) or an integer of at least 2, got 1"]),
-    "image-size-backbone-refuses": (["train", "transfer_frozen"], set_key("variants.transfer_frozen.image_size", 16),
-                                    ["params.yaml variants.transfer_frozen.image_size: 16 px is too small for backbone mobilenet_v2; use at least 32"]),
+    "image-size-backbone-refuses": (
+        ["train", "transfer_frozen"],
+        set_key("variants.transfer_frozen.image_size", 16),
+        ["params.yaml variants.transfer_frozen.image_size: 16 px is too small for backbone mobilenet_v2; use at least 32"],
+    ),
     "missing-train-section": (["train", "cnn_baseline"], set_key("train", DELETE), ["params.yaml has no 'train' section; add it"]),
     "missing-split-section": (["split"], set_key("split", DELETE), ["params.yaml has no 'split' section; add it"]),
     "unknown-key": (["train", "cnn_baseline"], set_key("variants.cnn_baseline.epoch", 3), ["params.yaml variants.cnn_baseline: unknown key(s) epoch"]),
     "not-yaml": (["fetch"], "base: {seed: 42\nfetch: [", [re.compile(r"params\.yaml is not valid YAML: .*line \d+")]),
     # Needs the training set's size, so the cache is read (no tripwire), but nothing is written.
-    "batch-larger-than-train": (["train", "cnn_baseline"], set_key("variants.cnn_baseline.batch_size", 64),
-                                ["params.yaml variants.cnn_baseline.batch_size: 64 is larger than the training set (8 images); lower it"]),
+    "batch-larger-than-train": (
+        ["train", "cnn_baseline"],
+        set_key("variants.cnn_baseline.batch_size", 64),
+        ["params.yaml variants.cnn_baseline.batch_size: 64 is larger than the training set (8 images); lower it"],
+    ),
 }
 
 
@@ -320,8 +338,13 @@ def write_image_cases(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     n, p = folder / "train" / "NORMAL", folder / "train" / "PNEUMONIA"
     n.mkdir(parents=True, exist_ok=True)
     p.mkdir(parents=True, exist_ok=True)
-    bad = {"truncated": n / "IM-0901-0001.jpeg", "zero-byte": n / "IM-0902-0001.jpeg", "not-an-image": n / "IM-0903-0001.jpeg",
-           "over-pixel-limit": p / "person901_bacteria_1.png", "one-pixel": p / "person902_bacteria_1.jpeg"}
+    bad = {
+        "truncated": n / "IM-0901-0001.jpeg",
+        "zero-byte": n / "IM-0902-0001.jpeg",
+        "not-an-image": n / "IM-0903-0001.jpeg",
+        "over-pixel-limit": p / "person901_bacteria_1.png",
+        "one-pixel": p / "person902_bacteria_1.jpeg",
+    }
     whole = jpeg_bytes(make_xray("NORMAL", 5, (300, 280)))
     bad["truncated"].write_bytes(whole[: len(whole) // 2])
     bad["zero-byte"].write_bytes(b"")
@@ -365,9 +388,17 @@ def image_project(tmp_path_factory) -> dict:
     before = snapshot(project)
     pre = subprocess.run(command("preprocess"), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert pre.returncode == 0, pre.stderr[-2000:]
-    rel = lambda path: path.relative_to(project).as_posix()
-    return {"project": project, "bad": {k: rel(v) for k, v in bad.items()}, "good": {k: rel(v) for k, v in good.items()},
-            "split": split, "before_preprocess": before}
+
+    def rel(path: Path) -> str:
+        return path.relative_to(project).as_posix()
+
+    return {
+        "project": project,
+        "bad": {k: rel(v) for k, v in bad.items()},
+        "good": {k: rel(v) for k, v in good.items()},
+        "split": split,
+        "before_preprocess": before,
+    }
 
 
 def test_split_lists_every_unusable_image_with_its_reason(image_project):
@@ -495,8 +526,10 @@ def tamper(kind: str, src: Path, dest: Path, canary: Path) -> None:
         return
     if kind == "lambda":
         code = eval(f"lambda x: (open({str(canary)!r}, 'w').write('ran'), x)[1]").__code__  # the payload
-        function = {"class_name": "__lambda__", "config": {"code": codecs.encode(marshal.dumps(code), "base64").decode("ascii"),
-                                                            "defaults": None, "closure": None}}
+        function = {
+            "class_name": "__lambda__",
+            "config": {"code": codecs.encode(marshal.dumps(code), "base64").decode("ascii"), "defaults": None, "closure": None},
+        }
 
         def change(config: dict) -> None:
             layer = next(d for d in walk(config) if d.get("class_name") == "Rescaling")
@@ -504,9 +537,11 @@ def tamper(kind: str, src: Path, dest: Path, canary: Path) -> None:
             layer.update(class_name="Lambda", module="keras.layers", registered_name=None)
             layer["config"] = {"name": old["name"], "trainable": True, "dtype": old.get("dtype"), "function": function, "arguments": {}}
     else:
+
         def change(config: dict) -> None:
             layer = next(d for d in walk(config) if isinstance(d.get("config"), dict) and d["config"].get("activation") == "sigmoid")
             layer["config"]["activation"] = {"module": "subprocess", "class_name": "function", "config": "getoutput", "registered_name": "function"}
+
     rewrite_config(src, dest, change)
 
 
@@ -542,8 +577,11 @@ def model_runs(tiny_pipeline, tmp_path_factory) -> dict:
     bad, good = write_image_cases(images)
     shutil.copy(sample, images / "plain.jpeg")
     good["plain"] = images / "plain.jpeg"
-    jobs["predict-images"] = (base, command("cxr", "predict", str(images), "--model", str(origin / "models" / f"{variant}.keras"),
-                                            "--format", "json"), script_env())
+    jobs["predict-images"] = (
+        base,
+        command("cxr", "predict", str(images), "--model", str(origin / "models" / f"{variant}.keras"), "--format", "json"),
+        script_env(),
+    )
     results = run_all(jobs, parallel=3)
     return {"variant": variant, "state": state, "results": results, "bad": bad, "good": good}
 

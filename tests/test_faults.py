@@ -86,8 +86,13 @@ def kill_group_when(work: Path, argv: list[str], log: Path, marker: str | Callab
 
 def debris(work: Path) -> list[str]:
     """Leftovers of interrupted writes: hidden entries next to the outputs, untracked files in git."""
-    hidden = [p.relative_to(work).as_posix() for folder in ("data", "models", "dvclive", "metrics", "plots")
-              if (work / folder).is_dir() for p in (work / folder).iterdir() if p.name.startswith(".")]
+    hidden = [
+        p.relative_to(work).as_posix()
+        for folder in ("data", "models", "dvclive", "metrics", "plots")
+        if (work / folder).is_dir()
+        for p in (work / folder).iterdir()
+        if p.name.startswith(".")
+    ]
     status = sh(work, "git", "status", "--porcelain", "--untracked-files=all").stdout.splitlines()
     return hidden + [line for line in status if line.startswith("??")]
 
@@ -264,7 +269,10 @@ def test_kill_9_while_fetch_downloads_then_fetch_again_leaves_no_download(tmp_pa
     # The connection drops half way; fetch waits a moment before it resumes: the kill lands then.
     with LoopbackServer(data, ranges=False, drop_after=len(data) // 2) as server:
         write_params(project, lambda params: params["fetch"].update(source=server.url))
-        partial = lambda: any(p.is_dir() and any(p.iterdir()) for p in (project / "data").glob(".raw.*"))
+
+        def partial() -> bool:
+            return any(p.is_dir() and any(p.iterdir()) for p in (project / "data").glob(".raw.*"))
+
         kill_group_when(project, command("fetch"), tmp_path / "fetch.log", partial, env=script_env())
     assert [p.name for p in (project / "data").iterdir() if p.name.startswith(".raw.")]  # what the kill left
     assert not (project / "data" / "raw").exists()

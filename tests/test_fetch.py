@@ -1,6 +1,6 @@
 """Tests of the fetch stage: local sources, ranged and plain HTTP, and every refusal.
 
-    .venv/bin/pytest -q tests/test_fetch.py
+.venv/bin/pytest -q tests/test_fetch.py
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr.errors import CxrError
 from cxr.archive import BudgetExceeded, coalesce, copy_capped, find_root
+from cxr.errors import CxrError
 from cxr.fetch import fetch
 from cxr.testing.httpserver import LoopbackServer
 from cxr.testing.synth import Counts, jpeg_bytes, make_archive, make_xray
@@ -186,7 +186,15 @@ def test_kaggle_folder_takes_the_shallowest_copy(archives: dict[str, Path], tmp_
 
 
 def test_find_root_rules() -> None:
-    names = ["__MACOSX/chest_xray/train/NORMAL/._a.jpeg", "__MACOSX/chest_xray/test/NORMAL/._a.jpeg", "x/chest_xray/chest_xray/train/NORMAL/a.jpeg", "x/chest_xray/chest_xray/test/NORMAL/a.jpeg", "x/chest_xray/train/NORMAL/a.jpeg", "x/chest_xray/test/", "y/OCT/train/a.jpeg"]
+    names = [
+        "__MACOSX/chest_xray/train/NORMAL/._a.jpeg",
+        "__MACOSX/chest_xray/test/NORMAL/._a.jpeg",
+        "x/chest_xray/chest_xray/train/NORMAL/a.jpeg",
+        "x/chest_xray/chest_xray/test/NORMAL/a.jpeg",
+        "x/chest_xray/train/NORMAL/a.jpeg",
+        "x/chest_xray/test/",
+        "y/OCT/train/a.jpeg",
+    ]
     assert find_root(names, "t") == "x/chest_xray/"
     with pytest.raises(CxrError, match="several 'chest_xray' folders"):
         find_root(["a/chest_xray/train/N/x", "a/chest_xray/test/N/x", "b/chest_xray/train/N/x", "b/chest_xray/test/N/x"], "t")
@@ -333,7 +341,11 @@ def bad_archives() -> dict[str, tuple[bytes, str, int]]:
         "empty": (zip_bytes({}, pad=False), "the archive is empty", CAP),
         "no-chest": (zip_bytes({"CellData/OCT/train/CNV/a.jpeg": b"x"}), "no 'chest_xray' folder", CAP),
         "missing-class": (zip_bytes(missing), r"CellData/chest_xray/test/NORMAL/ is missing", CAP),
-        "empty-split": (zip_bytes(empty_split, [("CellData/chest_xray/test/", b""), ("CellData/chest_xray/test/NORMAL/.DS_Store", b"x")]), r"CellData/chest_xray/test/ holds no images \(empty split\)", CAP),
+        "empty-split": (
+            zip_bytes(empty_split, [("CellData/chest_xray/test/", b""), ("CellData/chest_xray/test/NORMAL/.DS_Store", b"x")]),
+            r"CellData/chest_xray/test/ holds no images \(empty split\)",
+            CAP,
+        ),
         "no-test-folder": (zip_bytes(empty_split), r"CellData/chest_xray/ has no test/ folder", CAP),
         "deflate64": (method9, "compression method 9", CAP),
         "corrupt-member": (bytes(corrupt), r"img-1\.jpeg' is corrupt", CAP),

@@ -1,6 +1,6 @@
 """cxr.gradcam: target discovery (also inside nested backbones), heatmaps, overlays, grids.
 
-    .venv/bin/pytest tests/test_gradcam.py
+.venv/bin/pytest tests/test_gradcam.py
 """
 
 from __future__ import annotations
@@ -187,7 +187,9 @@ def test_model_without_convolutions_is_refused():
     import keras
     from keras import layers
 
-    dense = keras.Sequential([keras.Input((SIZE, SIZE, 1)), layers.Rescaling(1.0 / 255), layers.Flatten(), layers.Dense(1, activation="sigmoid")], name="dense_only")
+    dense = keras.Sequential(
+        [keras.Input((SIZE, SIZE, 1)), layers.Rescaling(1.0 / 255), layers.Flatten(), layers.Dense(1, activation="sigmoid")], name="dense_only"
+    )
     with pytest.raises(CxrError, match="dense_only.*no convolution layer"):
         GradCam(dense)
 

@@ -39,7 +39,7 @@ def test_every_mode_becomes_the_same_grayscale(tmp_path, mode):
     gray = gradient()
     base = Image.fromarray(gray)
     if mode == "I;16":
-        img = Image.fromarray((gray.astype(np.uint16) * 257))
+        img = Image.fromarray(gray.astype(np.uint16) * 257)
         assert img.mode.startswith("I;16")
     elif mode == "P":
         img = base.convert("RGB").quantize(256)

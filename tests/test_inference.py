@@ -1,6 +1,6 @@
 """cxr.inference: safe model loading with its sidecar, batch prediction, file prediction.
 
-    .venv/bin/pytest tests/test_inference.py
+.venv/bin/pytest tests/test_inference.py
 """
 
 from __future__ import annotations
@@ -47,9 +47,17 @@ def probe_model(size: int = SIZE, seed: int = 0):
 def sidecar(size: int = SIZE, threshold: float = 0.5, variant: str = "probe") -> dict:
     """A sidecar as design.md describes it (train writes the real one)."""
     return {
-        "variant": variant, "model": "cnn", "image_size": size, "resize": "squash", "threshold": threshold,
-        "threshold_rule": "youden", "val": {"roc_auc": 0.5, "accuracy": 0.5, "sensitivity": 0.5, "specificity": 0.5, "n": 10},
-        "epochs_run": 1, "train_seconds": 0.1, "seed": 42, "params": {"image_size": size},
+        "variant": variant,
+        "model": "cnn",
+        "image_size": size,
+        "resize": "squash",
+        "threshold": threshold,
+        "threshold_rule": "youden",
+        "val": {"roc_auc": 0.5, "accuracy": 0.5, "sensitivity": 0.5, "specificity": 0.5, "n": 10},
+        "epochs_run": 1,
+        "train_seconds": 0.1,
+        "seed": 42,
+        "params": {"image_size": size},
     }
 
 

@@ -66,8 +66,7 @@ def test_single_class_gives_json_safe_nones():
 
 @pytest.mark.parametrize(
     "y, p, threshold",
-    [([0, 1], [0.1], 0.5), ([], [], 0.5), ([0, 2], [0.1, 0.2], 0.5), ([0, 1], [0.1, 1.2], 0.5),
-     ([0, 1], [0.1, float("nan")], 0.5), ([0, 1], [0.1, 0.9], 1.5)],
+    [([0, 1], [0.1], 0.5), ([], [], 0.5), ([0, 2], [0.1, 0.2], 0.5), ([0, 1], [0.1, 1.2], 0.5), ([0, 1], [0.1, float("nan")], 0.5), ([0, 1], [0.1, 0.9], 1.5)],
 )
 def test_bad_inputs_raise_value_error(y, p, threshold):
     with pytest.raises(ValueError):
@@ -113,15 +112,26 @@ def test_sensitivity_by_subtype():
 
 
 def test_image_series():
-    names = {"data/raw/chest_xray/test/NORMAL/IM-0001-0001.jpeg": "IM", "NORMAL2-IM-0006-0001.jpeg": "NORMAL2-IM",
-             "normal2-im-1427-0001-0002.jpeg": "NORMAL2-IM", "NORMAL-28501-0001.jpeg": "NORMAL",
-             "person1_bacteria_1.jpeg": "other"}
+    names = {
+        "data/raw/chest_xray/test/NORMAL/IM-0001-0001.jpeg": "IM",
+        "NORMAL2-IM-0006-0001.jpeg": "NORMAL2-IM",
+        "normal2-im-1427-0001-0002.jpeg": "NORMAL2-IM",
+        "NORMAL-28501-0001.jpeg": "NORMAL",
+        "person1_bacteria_1.jpeg": "other",
+    }
     assert {path: metrics.image_series(path) for path in names} == names
 
 
 def test_specificity_by_series():
-    paths = ["t/IM-0001-0001.jpeg", "t/IM-0003-0001.jpeg", "t/NORMAL2-IM-0006-0001.jpeg", "t/NORMAL2-IM-0007-0001.jpeg",
-             "t/NORMAL2-IM-0008-0001.jpeg", "t/person1_virus_2.jpeg", "t/person3_bacteria_4.jpeg"]
+    paths = [
+        "t/IM-0001-0001.jpeg",
+        "t/IM-0003-0001.jpeg",
+        "t/NORMAL2-IM-0006-0001.jpeg",
+        "t/NORMAL2-IM-0007-0001.jpeg",
+        "t/NORMAL2-IM-0008-0001.jpeg",
+        "t/person1_virus_2.jpeg",
+        "t/person3_bacteria_4.jpeg",
+    ]
     y = [0, 0, 0, 0, 0, 1, 1]
     p = [0.1, 0.5, 0.2, 0.9, 0.49, 0.1, 0.9]  # 0.5 counts as pneumonia (inclusive threshold)
     out = metrics.specificity_by_series(y, p, paths, 0.5)
@@ -238,11 +248,11 @@ def test_evaluate_probabilities_outputs():
 
 def test_evaluate_probabilities_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="rows"):
-        metrics.evaluate_probabilities([0, 1], [0.1, 0.9], _rows(4), 0.5, val_roc_auc=None,
-                                       bootstrap_samples=10, calibration_bins=5, seed=0)
+        metrics.evaluate_probabilities([0, 1], [0.1, 0.9], _rows(4), 0.5, val_roc_auc=None, bootstrap_samples=10, calibration_bins=5, seed=0)
 
 
 # --- threshold rules (train.threshold_rule) ---------------------------------------------------
+
 
 def _scores(n: int = 400, seed: int = 0):
     rng = np.random.default_rng(seed)

@@ -20,8 +20,14 @@ def test_report_depends_on_every_variant(project_root):
     variants = load(project_root, "params.yaml")["variants"]
     deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
     for name in variants:
-        for path in (f"metrics/{name}.json", f"models/{name}.json", f"models/{name}.keras", f"plots/{name}/roc.csv",
-                     f"plots/{name}/predictions.csv", f"dvclive/{name}/plots/metrics"):
+        for path in (
+            f"metrics/{name}.json",
+            f"models/{name}.json",
+            f"models/{name}.keras",
+            f"plots/{name}/roc.csv",
+            f"plots/{name}/predictions.csv",
+            f"dvclive/{name}/plots/metrics",
+        ):
             assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
 
 
@@ -37,7 +43,7 @@ def test_every_variant_names_existing_files_and_sections(project_root):
         init = v["init_from"]
         assert (project_root / init).exists() or init.startswith("models/"), f"{name}: init_from {init}"
         if init.startswith("models/"):
-            assert init[len("models/"):-len(".keras")] in params["variants"], f"{name} starts from an unknown variant"
+            assert init[len("models/") : -len(".keras")] in params["variants"], f"{name} starts from an unknown variant"
 
 
 def test_stage_scripts_exist(project_root):

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr.sidecar import Sidecar, ValSummary
 from cxr import figures, metrics, report
 from cxr.errors import CxrError
+from cxr.sidecar import Sidecar, ValSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,23 +28,43 @@ def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 
     y = np.array([0, 1, 1] * (n // 3))
     p = np.clip(0.5 + test_quality * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
     # normal images in the data's two naming series (IM-…, NORMAL2-IM-…), pneumonia as personN_…
-    names = np.where(y == 1, [f"person{i}_virus_1" for i in range(n)],
-                     np.where(np.arange(n) % 2, [f"IM-{i:04d}-0001" for i in range(n)], [f"NORMAL2-IM-{i:04d}-0001" for i in range(n)]))
-    rows = pd.DataFrame({"path": [f"data/raw/chest_xray/test/{name}.jpeg" for name in names],
-                         "subtype": np.where(y == 1, np.where(np.arange(n) % 2, "bacteria", "virus"), "normal"),
-                         "patient_id": [f"p{i // 2}" for i in range(n)]})
+    names = np.where(
+        y == 1,
+        [f"person{i}_virus_1" for i in range(n)],
+        np.where(np.arange(n) % 2, [f"IM-{i:04d}-0001" for i in range(n)], [f"NORMAL2-IM-{i:04d}-0001" for i in range(n)]),
+    )
+    rows = pd.DataFrame(
+        {
+            "path": [f"data/raw/chest_xray/test/{name}.jpeg" for name in names],
+            "subtype": np.where(y == 1, np.where(np.arange(n) % 2, "bacteria", "virus"), "normal"),
+            "patient_id": [f"p{i // 2}" for i in range(n)],
+        }
+    )
     ev = metrics.evaluate_probabilities(y, p, rows, 0.5, val_roc_auc=val_auc, bootstrap_samples=30, calibration_bins=5, seed=1)
-    meta = Sidecar(variant=name, model="cnn", image_size=8, resize="squash", threshold=0.5, threshold_rule="youden",
-                   val=ValSummary(roc_auc=float("nan") if val_auc is None else val_auc, accuracy=0.8, sensitivity=0.8, specificity=0.8, n=12),
-                   epochs_run=3, train_seconds=12.5, seed=42)
+    meta = Sidecar(
+        variant=name,
+        model="cnn",
+        image_size=8,
+        resize="squash",
+        threshold=0.5,
+        threshold_rule="youden",
+        val=ValSummary(roc_auc=float("nan") if val_auc is None else val_auc, accuracy=0.8, sensitivity=0.8, specificity=0.8, n=12),
+        epochs_run=3,
+        train_seconds=12.5,
+        seed=42,
+    )
     return report.VariantResult(name, ev.metrics, meta, ev.tables["predictions"], ev.tables["roc"])
 
 
 AUDIT = {
     "strategy": "patient_grouped",
     "counts": {
-        "train": {"images": 100, "patients": 50, "by_label": {"NORMAL": 26, "PNEUMONIA": 74},
-                  "by_subtype": {"NORMAL/normal": 26, "PNEUMONIA/bacteria": 50, "PNEUMONIA/virus": 24}},
+        "train": {
+            "images": 100,
+            "patients": 50,
+            "by_label": {"NORMAL": 26, "PNEUMONIA": 74},
+            "by_subtype": {"NORMAL/normal": 26, "PNEUMONIA/bacteria": 50, "PNEUMONIA/virus": 24},
+        },
         "val": {"images": 12, "patients": 6, "by_label": {"NORMAL": 4, "PNEUMONIA": 8}, "by_subtype": {}},
         "test": {"images": 48, "patients": 24, "by_label": {"NORMAL": 18, "PNEUMONIA": 30}, "by_subtype": {}},
     },
@@ -79,15 +99,16 @@ def test_load_result_names_the_missing_file(tmp_path):
 
 
 def test_gradcam_examples_are_the_most_confident_per_outcome():
-    pred = pd.DataFrame({
-        "path": [f"f{i}" for i in range(8)],
-        "probability": [0.95, 0.7, 0.95, 0.6, 0.1, 0.3, 0.2, 0.05],
-        "actual": ["PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"],
-        "predicted": ["PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL", "NORMAL"],
-    })
+    pred = pd.DataFrame(
+        {
+            "path": [f"f{i}" for i in range(8)],
+            "probability": [0.95, 0.7, 0.95, 0.6, 0.1, 0.3, 0.2, 0.05],
+            "actual": ["PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"],
+            "predicted": ["PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "PNEUMONIA", "NORMAL", "NORMAL", "NORMAL", "NORMAL"],
+        }
+    )
     picked = figures.gradcam_examples(pred, 2)
-    assert list(zip(picked["outcome"], picked["path"])) == [
-        ("TP", "f0"), ("TP", "f2"), ("FP", "f3"), ("TN", "f4"), ("TN", "f5"), ("FN", "f7"), ("FN", "f6")]
+    assert list(zip(picked["outcome"], picked["path"])) == [("TP", "f0"), ("TP", "f2"), ("FP", "f3"), ("TN", "f4"), ("TN", "f5"), ("FN", "f7"), ("FN", "f6")]
     assert figures.gradcam_examples(pred.iloc[::-1], 2)["path"].tolist() == picked["path"].tolist()
 
 
@@ -121,8 +142,7 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     drawn, notes = figures.make_figures(results, {}, tmp_path)
     assert {p.name for p in drawn.values()} == {"roc_all.png", "comparison.png", "confusion_matrices.png"}
     assert notes and "training curves" in notes[0]
-    page = report.render_html(report.ReportInputs(
-        summary, results, AUDIT, "patient_grouped", 0.1, drawn, notes + ["<i>note</i>"], "abc1234", report.machine()))
+    page = report.render_html(report.ReportInputs(summary, results, AUDIT, "patient_grouped", 0.1, drawn, notes + ["<i>note</i>"], "abc1234", report.machine()))
     _check_page(page)
     assert "a&lt;b&gt;" in page and "a<b>" not in page and "&lt;i&gt;note" in page
     assert "abc1234" in page and f"{os.cpu_count()} CPU cores" in page
@@ -134,8 +154,9 @@ def test_html_is_self_contained_and_escaped(tmp_path):
 
 def test_html_without_audit_says_so(tmp_path):
     results = {"a": fake_result("a", 0.9, 0.5)}
-    page = report.render_html(report.ReportInputs(report.build_summary(results), results, report.read_audit(tmp_path / "no.json"),
-                                                  "seed", 0.1, {}, [], "unknown", "m"))
+    page = report.render_html(
+        report.ReportInputs(report.build_summary(results), results, report.read_audit(tmp_path / "no.json"), "seed", 0.1, {}, [], "unknown", "m")
+    )
     assert "No data audit found" in page and "seed notebook" in page
     assert "62.5% pneumonia vs 74.0% in training" in page and "published figures" in page
 
@@ -146,8 +167,9 @@ def test_page_escapes_every_value(tmp_path):
     audit = {"counts": {evil: {"images": evil, "by_label": {"NORMAL": 1}}}, "duplicates": {"groups": 1, "groups_across_train_test": evil}}
     png = tmp_path / "f.png"
     png.write_bytes(b"\x89PNG not really")
-    page = report.render_html(report.ReportInputs(report.build_summary(results), results, audit, evil, 0.1,
-                                                  {f"it's {evil}": png}, [evil], evil, evil, source=evil))
+    page = report.render_html(
+        report.ReportInputs(report.build_summary(results), results, audit, evil, 0.1, {f"it's {evil}": png}, [evil], evil, evil, source=evil)
+    )
     assert "<script" not in page  # name, note, audit cells, strategy, commit, machine, caption
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 10
     assert "alt='it&#39;s &lt;script&gt;" in page  # a quote cannot end the attribute
@@ -263,18 +285,33 @@ def make_project(root: Path) -> None:
     # per-image brightness varies as much as the class effect, so the classes overlap (AUC < 1)
     offset = rng.normal(40 * y, 20)[:, None, None, None]
     x = np.clip(rng.normal(95, 25, (48, 8, 8, 1)) + offset, 0, 255).astype(np.uint8)
-    rows = pd.DataFrame({
-        "path": [f"data/raw/chest_xray/test/{'PNEUMONIA' if t else 'NORMAL'}/im{i:03d}.jpeg" for i, t in enumerate(y)],
-        "label": np.where(y, "PNEUMONIA", "NORMAL"), "subtype": subtypes,
-        "patient_id": [f"pt{i // 2}" for i in range(48)], "split": "test", "sha256": [f"{i:064x}" for i in range(48)],
-    })
+    rows = pd.DataFrame(
+        {
+            "path": [f"data/raw/chest_xray/test/{'PNEUMONIA' if t else 'NORMAL'}/im{i:03d}.jpeg" for i, t in enumerate(y)],
+            "label": np.where(y, "PNEUMONIA", "NORMAL"),
+            "subtype": subtypes,
+            "patient_id": [f"pt{i // 2}" for i in range(48)],
+            "split": "test",
+            "sha256": [f"{i:064x}" for i in range(48)],
+        }
+    )
     write_split(root / "data" / "processed" / "8", "test", x, rows)
     for name in ("alpha", "beta"):
         (root / "models").mkdir(exist_ok=True)
         tiny_model(SLOPE[name]).save(root / "models" / f"{name}.keras")
-        sidecar = {"variant": name, "model": "cnn", "image_size": 8, "resize": "squash", "threshold": 0.5,
-                   "threshold_rule": "youden", "val": {"roc_auc": VAL_AUC[name], "accuracy": 0.8, "sensitivity": 0.8,
-                   "specificity": 0.8, "n": 12}, "epochs_run": 1, "train_seconds": 2.0, "seed": 42, "params": {}}
+        sidecar = {
+            "variant": name,
+            "model": "cnn",
+            "image_size": 8,
+            "resize": "squash",
+            "threshold": 0.5,
+            "threshold_rule": "youden",
+            "val": {"roc_auc": VAL_AUC[name], "accuracy": 0.8, "sensitivity": 0.8, "specificity": 0.8, "n": 12},
+            "epochs_run": 1,
+            "train_seconds": 2.0,
+            "seed": 42,
+            "params": {},
+        }
         (root / "models" / f"{name}.json").write_text(json.dumps(sidecar))
     (root / "data" / "split").mkdir(parents=True)
     (root / "data" / "split" / "audit.json").write_text(json.dumps(AUDIT))

@@ -34,6 +34,7 @@ PUSH_TIMEOUT_S = 300
 
 # --- helpers ---------------------------------------------------------------------------------
 
+
 def clone_with_data(tiny_pipeline, dest: Path) -> Path:
     """The pusher's working copy: a git clone of the tiny pipeline with its outputs checked out.
     It reads the origin's DVC cache through `.dvc/config.local`, so nothing about that cache is
@@ -143,6 +144,7 @@ def s3():
 
 # --- tests -----------------------------------------------------------------------------------
 
+
 def test_local_folder_remote_round_trip(tiny_pipeline, tmp_path):
     pusher = clone_with_data(tiny_pipeline, tmp_path / "pusher")
     storage = tmp_path / "storage"
@@ -188,7 +190,14 @@ def test_push_killed_part_way_then_run_again_loses_nothing(tiny_pipeline, tmp_pa
     # Let 5 uploads through, hold the next ones unanswered, then kill the push mid-flight.
     s3.hold_puts_after(5)
     with open(tmp_path / "push1.log", "w+") as log:
-        push = subprocess.Popen([DVC, "push", "-j", "2"], cwd=pusher, env={**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(pusher), **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        push = subprocess.Popen(
+            [DVC, "push", "-j", "2"],
+            cwd=pusher,
+            env={**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(pusher), **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + PUSH_TIMEOUT_S
             while (stats := s3.stats()).held == 0:

@@ -29,8 +29,15 @@ def run_split(project: Path, strategy: str) -> tuple[pd.DataFrame, dict]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["split"]["strategy"] = strategy
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / "split.py")], check=False, cwd=project, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "split.py")],
+        check=False,
+        cwd=project,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = pd.read_csv(project / "data/split/manifest.csv", dtype={"fold": int}, keep_default_na=False)
     return manifest, json.loads((project / "data/split/audit.json").read_text())

@@ -26,9 +26,19 @@ def tiny_raw_params(size: int = SIZE, epochs: int = 1, batch_size: int = 4) -> d
     raw["transfer"].update(backbone="mobilenet_v2", alpha=0.35, weights="none")
     raw["train"].update(patience=2, use_seed_epochs=False, distribute="none", mixed_precision=False)
     raw["variants"]["modern"] = {
-        "model": "modern", "image_size": size, "init_from": "cxr/models.py", "shared": "transfer",
-        "optimizer": "adamw", "learning_rate": 1e-3, "batch_size": batch_size, "epochs": epochs, "augment": True,
-        "alpha": 0.35, "trainable_from": "block_15_expand", "dropout": 0.2, "label_smoothing": 0.05,
+        "model": "modern",
+        "image_size": size,
+        "init_from": "cxr/models.py",
+        "shared": "transfer",
+        "optimizer": "adamw",
+        "learning_rate": 1e-3,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "augment": True,
+        "alpha": 0.35,
+        "trainable_from": "block_15_expand",
+        "dropout": 0.2,
+        "label_smoothing": 0.05,
     }
     for variant in raw["variants"].values():
         # params.yaml refuses a cnn below 46 px; tests of other models may go smaller
@@ -57,14 +67,16 @@ def tiny_split(n: int = 8, size: int = SIZE, seed: int = 0) -> CachedSplit:
             img += 120 * np.exp(-(((yy - cy) / 0.18) ** 2 + ((xx - cx) / 0.18) ** 2))
         x[i, :, :, 0] = np.clip(img, 0, 255).astype(np.uint8)
         labels.append("PNEUMONIA" if positive else "NORMAL")
-    rows = pd.DataFrame({
-        "path": [f"data/raw/chest_xray/train/{lab}/img{seed}_{i}.jpeg" for i, lab in enumerate(labels)],
-        "label": labels,
-        "subtype": ["bacteria" if lab == "PNEUMONIA" else "normal" for lab in labels],
-        "patient_id": [f"p{seed}_{i}" for i in range(n)],
-        "split": "train",
-        "sha256": [f"{seed:04d}{i:060d}" for i in range(n)],
-    })
+    rows = pd.DataFrame(
+        {
+            "path": [f"data/raw/chest_xray/train/{lab}/img{seed}_{i}.jpeg" for i, lab in enumerate(labels)],
+            "label": labels,
+            "subtype": ["bacteria" if lab == "PNEUMONIA" else "normal" for lab in labels],
+            "patient_id": [f"p{seed}_{i}" for i in range(n)],
+            "split": "train",
+            "sha256": [f"{seed:04d}{i:060d}" for i in range(n)],
+        }
+    )
     return CachedSplit(x=x, y=labels_of(rows), rows=rows)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cxr.errors import CxrError
+from cxr.inference import predict_arrays as predict
 from cxr.models import (
     backbone_preprocessing,
     build_model,
@@ -18,7 +19,6 @@ from cxr.models import (
     last_conv_layer,
     make_backbone,
 )
-from cxr.inference import predict_arrays as predict
 from cxr.training import save_result, train_variant
 
 from .conftest import SHARED_KERAS, SIZE, tiny_params, tiny_split
@@ -148,8 +148,12 @@ def _variant(params, name="cnn_baseline", **changes):
         ("transfer_frozen", {}, {"weights": "missing/weights.h5"}, "transfer.weights: 'missing/weights.h5' is not an existing .h5 file"),
         ("transfer_frozen", {}, {"weights": "imagenet", "alpha": 0.6}, "transfer.alpha: no ImageNet weights for mobilenet_v2 with alpha 0.6"),
         ("modern", {"extra": {"trainable_from": "no_such_layer"}}, {}, "variants.modern.trainable_from: 'no_such_layer'"),
-        ("transfer_finetuned", {"init_from": "nowhere/transfer_frozen.keras"}, {},
-         "init_from: nowhere/transfer_frozen.keras not found; run `dvc repro train@transfer_frozen` first"),
+        (
+            "transfer_finetuned",
+            {"init_from": "nowhere/transfer_frozen.keras"},
+            {},
+            "init_from: nowhere/transfer_frozen.keras not found; run `dvc repro train@transfer_frozen` first",
+        ),
     ],
 )
 def test_bad_params_give_clear_errors(params, name, changes, transfer, expected):

@@ -15,12 +15,13 @@ import pytest
 import yaml
 
 from cxr.cache import cache_dir, write_split
-from cxr.models import build_model, compile_model
 from cxr.inference import predict_arrays as predict
 from cxr.metrics import binary_metrics, youden_threshold
+from cxr.models import build_model, compile_model
 from cxr.training import class_weights, save_result, set_determinism, train_variant
 
 from .conftest import ROOT, SIZE, tiny_raw_params, tiny_split
+
 
 def val_summary(y, prob, threshold):
     """The validation figures a sidecar records, recomputed from probabilities."""
@@ -114,8 +115,7 @@ def _tiny_project(tmp_path, **variant_changes):
 
 def test_stage_script_end_to_end(tmp_path):
     _tiny_project(tmp_path)
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "cnn_baseline"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "cnn_baseline"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "train@cnn_baseline:" in done.stdout and "Epoch 1/2" in done.stdout
     meta = json.loads((tmp_path / "models" / "cnn_baseline.json").read_text())
