@@ -66,3 +66,27 @@ def load_split(folder: Path | str, split: str, mmap: bool = True) -> CachedSplit
 
 def cache_dir(root: Path | str, size: int) -> Path:
     return Path(root) / str(size)
+
+
+def official_train(folder: Path | str) -> CachedSplit:
+    """Every cached image of the official train folder that has a cross-validation fold (our
+    train and val splits together, rows with fold ≥ 0), for k-fold training."""
+    parts = [load_split(folder, split) for split in ("train", "val")]
+    if any("fold" not in p.rows.columns for p in parts):
+        raise CxrError(f"{folder} has no fold column; set split.folds ≥ 2 and rerun `dvc repro split preprocess`")
+    keep = [p.rows["fold"].astype(int).to_numpy() >= 0 for p in parts]
+    x = np.concatenate([p.x[k] for p, k in zip(parts, keep)])
+    rows = pd.concat([p.rows[k] for p, k in zip(parts, keep)], ignore_index=True)
+    return CachedSplit(x=x, y=labels_of(rows), rows=rows)
+
+
+def fold_split(data: CachedSplit, fold: int) -> tuple[CachedSplit, CachedSplit]:
+    """(the other folds, fold `fold`): what a fold model trains on and what it is validated on."""
+    folds = data.rows["fold"].astype(int).to_numpy()
+    if not np.any(folds == fold):
+        raise CxrError(f"no cached image is in fold {fold} (folds present: {sorted(set(folds.tolist()))}); check cv.folds against split.folds")
+    parts = []
+    for keep in (folds != fold, folds == fold):
+        rows = data.rows[keep].reset_index(drop=True)
+        parts.append(CachedSplit(x=data.x[keep], y=data.y[keep], rows=rows))
+    return parts[0], parts[1]

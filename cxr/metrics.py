@@ -178,12 +178,22 @@ def calibrated_threshold(y: Any, p: Any, level: float = 0.5) -> float:
     return float(1 / (1 + math.exp(-logit)))
 
 
-def choose_threshold(rule: str, y: Any, p: Any) -> float:
-    """The decision threshold by `train.threshold_rule` on (y, p): youden, sensitivity:<target> or
-    calibrated_0.5 (see cxr.params.parse_threshold_rule)."""
+def choose_threshold(rule: str, y: Any, p: Any, stressed: dict[str, Any] | None = None) -> float:
+    """The decision threshold by `train.threshold_rule` on (y, p): youden, stress_youden,
+    sensitivity:<target> or calibrated_0.5 (see cxr.params.parse_threshold_rule).
+
+    stress_youden is Youden's J on the same images pooled over clean and every stress shift
+    (`stressed`: shift → probabilities, cxr.stress): on a nearly separable validation set plain
+    Youden can land anywhere in a wide flat band, while the pooled one must also hold when
+    exposure, contrast or resolution move the scores."""
     kind, value = parse_threshold_rule(rule)
     if kind == "youden":
         return youden_threshold(y, p)
+    if kind == "stress_youden":
+        if not stressed:
+            raise ValueError("the stress_youden rule needs the stress probabilities")
+        y = np.asarray(y)
+        return youden_threshold(np.tile(y, 1 + len(stressed)), np.concatenate([np.asarray(p), *map(np.asarray, stressed.values())]))
     if kind == "sensitivity":
         return sensitivity_threshold(y, p, value)
     return calibrated_threshold(y, p, value)

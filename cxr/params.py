@@ -84,7 +84,9 @@ MODEL_EXTRAS: dict[str, dict[str, Any]] = {
 # Models built on an ImageNet backbone: `transfer.*` gives its name and width unless the variant has its own.
 BACKBONE_MODELS = ("transfer_features", "transfer_frozen", "transfer_finetuned", "modern")
 # train.threshold_rule: youden | sensitivity:<target> | calibrated_0.5 (see cxr.metrics.choose_threshold)
-THRESHOLD_RULES = ("youden", "sensitivity:<target>", "calibrated_0.5")
+THRESHOLD_RULES = ("youden", "stress_youden", "sensitivity:<target>", "calibrated_0.5")
+# report.select_by: which validation figure picks the headline model (never a test figure)
+SELECT_BY = ("val_roc_auc", "stress_roc_auc", "stress_specificity")
 # Smallest input each backbone accepts without pooling to nothing (Keras's own checks).
 MIN_BACKBONE_SIZE = {"vgg19": 32, "vgg16": 32, "mobilenet_v2": 32, "mobilenet": 32, "densenet121": 32}
 
@@ -170,6 +172,20 @@ class EvaluateParams(_Traced):
 @dataclass(frozen=True)
 class ReportParams(_Traced):
     gradcam_per_outcome: int = 3
+    select_by: str = "val_roc_auc"
+
+
+@dataclass(frozen=True)
+class CvParams(_Traced):
+    """k-fold cross-validation: `variants` trained once per fold (`train_fold@<v>-<k>`) and averaged
+    into the ensemble `<v>_cv` (`ensemble@<v>`), thresholded on out-of-fold predictions."""
+
+    variants: list[str] = field(default_factory=list)
+    folds: list[int] = field(default_factory=list)
+
+
+# The name of a variant's k-fold ensemble, evaluated and reported like any variant.
+ENSEMBLE_SUFFIX = "_cv"
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,7 @@ class Params:
     variants: dict[str, VariantParams]
     evaluate: EvaluateParams
     report: ReportParams
+    cv: CvParams = field(default_factory=CvParams)
 
     def __getattribute__(self, name: str) -> Any:
         if name == "seed":  # the other fields are sections, whose own fields are traced
@@ -193,6 +210,21 @@ class Params:
         if name not in self.variants:
             known = ", ".join(sorted(self.variants))
             raise CxrError(f"unknown variant '{name}' in params.yaml variants; known: {known}")
+        return self.variants[name]
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every model evaluate and the report handle: the variants, then the k-fold ensembles."""
+        return [*self.variants, *(f"{v}{ENSEMBLE_SUFFIX}" for v in self.cv.variants)]
+
+    def model_variant(self, name: str) -> VariantParams:
+        """The variant behind a model name (`modern_cv` → modern); a clear error for unknown names."""
+        if name.endswith(ENSEMBLE_SUFFIX) and name.removesuffix(ENSEMBLE_SUFFIX) in self.cv.variants:
+            return self.variants[name.removesuffix(ENSEMBLE_SUFFIX)]
+        if name not in self.variants:
+            raise CxrError(
+                f"unknown variant '{name}' in params.yaml variants (or a k-fold ensemble <v>_cv of cv.variants); known: {', '.join(self.model_names)}"
+            )
         return self.variants[name]
 
     @property
@@ -275,8 +307,8 @@ def _number_in(value: Any, key: str, low: float, high: float, closed: str = "[)"
 
 def parse_threshold_rule(rule: Any) -> tuple[str, float | None]:
     """`youden` → ("youden", None); `sensitivity:0.97` → ("sensitivity", 0.97); `calibrated_0.5` → ("calibrated", 0.5)."""
-    if rule == "youden":
-        return "youden", None
+    if rule in ("youden", "stress_youden"):
+        return rule, None
     if rule == "calibrated_0.5":
         return "calibrated", 0.5
     if isinstance(rule, str) and rule.startswith("sensitivity:"):
@@ -377,6 +409,20 @@ def parse(raw: dict[str, Any]) -> Params:
     _positive_int(evaluate.bootstrap_samples, "evaluate.bootstrap_samples")
     _positive_int(evaluate.calibration_bins, "evaluate.calibration_bins")
     report = _build(ReportParams, "report", _section(raw, "report", required=False))
+    _choice(report.select_by, "report.select_by", SELECT_BY)
+    cv = _build(CvParams, "cv", _section(raw, "cv", required=False))
+    _check(
+        isinstance(cv.variants, list) and all(v in variants for v in cv.variants), "cv.variants", f"must be a list of names under variants, got {cv.variants!r}"
+    )
+    for name in cv.variants:
+        _check(not variants[name].starts_from_model, "cv.variants", f"{name} starts from another trained model (init_from); fold models must start fresh")
+    if cv.variants:
+        _check(split.folds >= 2, "split.folds", f"cv.variants needs folds (split.folds ≥ 2), got {split.folds}")
+        _check(
+            cv.folds == list(range(split.folds)),
+            "cv.folds",
+            f"must list every fold of split.folds = {split.folds}: {list(range(split.folds))}, got {cv.folds!r}",
+        )
     for section, obj in (
         ("fetch", fetch),
         ("split", split),
@@ -385,10 +431,11 @@ def parse(raw: dict[str, Any]) -> Params:
         ("transfer", transfer),
         ("evaluate", evaluate),
         ("report", report),
+        ("cv", cv),
         *((f"variants.{n}", v) for n, v in variants.items()),
     ):
         _sectioned(obj, section)
-    return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report)
+    return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report, cv)
 
 
 def load(path: Path | str = PARAMS_FILE) -> Params:

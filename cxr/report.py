@@ -18,7 +18,7 @@ import math
 import os
 import platform
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,12 @@ from cxr.errors import CxrError
 from cxr.metrics import specificity_by_series
 from cxr.sidecar import Sidecar
 
-SELECTED_BY = "validation roc_auc"
+# report.select_by → what the summary and page say the headline model was chosen by
+SELECTED_BY = {
+    "val_roc_auc": "validation roc_auc",
+    "stress_roc_auc": "mean validation roc_auc under the stress shifts",
+    "stress_specificity": "mean validation specificity under the stress shifts",
+}
 PREDICTION_COLUMNS = ("path", "label", "probability", "actual", "predicted")
 ROC_COLUMNS = ("fpr", "tpr")
 CONFUSION_KEYS = ("tn", "fp", "fn", "tp")
@@ -50,6 +55,14 @@ class VariantResult:
     sidecar: Sidecar
     predictions: pd.DataFrame
     roc: pd.DataFrame  # fpr, tpr, threshold; empty when the test set has one class
+    stress: dict[str, Any] = field(default_factory=dict)  # metrics/<v>_stress.json (validation under shifts)
+
+    def score(self, select_by: str) -> float | None:
+        """The validation figure `report.select_by` ranks by (never a test figure)."""
+        if select_by == "val_roc_auc":
+            return self.val_roc_auc
+        value = _dict(self.stress.get("mean")).get(select_by.removeprefix("stress_"))
+        return float(value) if _is_number(value) and math.isfinite(value) else None
 
     @property
     def val_roc_auc(self) -> float | None:
@@ -105,7 +118,10 @@ def load_result(name: str, root: Path = Path(".")) -> VariantResult:
     plots = root / "plots" / name
     predictions = _read_csv(plots / "predictions.csv", PREDICTION_COLUMNS, hint, {"path": str, "actual": str, "predicted": str})
     roc = _read_csv(plots / "roc.csv", ROC_COLUMNS, hint)
-    return VariantResult(name, metrics, meta, predictions, roc)
+    stress = _read_json(
+        root / "metrics" / f"{name}_stress.json", f"run `dvc repro {'ensemble@' + name.removesuffix('_cv') if name.endswith('_cv') else 'train@' + name}`"
+    )
+    return VariantResult(name, metrics, meta, predictions, roc, _dict(stress))
 
 
 def read_audit(path: Path) -> dict[str, Any]:
@@ -136,16 +152,17 @@ def read_training_curves(folder: Path) -> dict[str, pd.DataFrame]:
 # ------------------------------------------------------------------------- selection, summary
 
 
-def pick_best(val_aucs: dict[str, float | None]) -> str:
-    """The variant with the highest validation AUC; ties go to the alphabetically first name."""
-    known = {name: auc for name, auc in val_aucs.items() if auc is not None}
+def pick_best(scores: dict[str, float | None]) -> str:
+    """The variant with the highest validation score; ties go to the alphabetically first name."""
+    known = {name: score for name, score in scores.items() if score is not None}
     if not known:
-        raise CxrError("no variant has a validation roc_auc in its sidecar (models/<v>.json val.roc_auc); rerun `dvc repro train`")
+        raise CxrError("no variant has the validation figure report.select_by ranks by (models/<v>.json, metrics/<v>_stress.json); rerun `dvc repro train`")
     return min(known, key=lambda name: (-known[name], name))
 
 
-def build_summary(results: dict[str, VariantResult]) -> dict[str, Any]:
-    """metrics/summary.json: the best variant (by validation AUC) and each variant's test metrics."""
+def build_summary(results: dict[str, VariantResult], select_by: str = "val_roc_auc") -> dict[str, Any]:
+    """metrics/summary.json: the best variant (by `select_by`, a validation figure) and each variant's
+    test metrics next to its validation and stress figures."""
     variants = {}
     for name, r in results.items():
         m = r.metrics
@@ -157,11 +174,14 @@ def build_summary(results: dict[str, VariantResult]) -> dict[str, Any]:
             "ci95": m.get("ci95", {}),
             "threshold": m.get("threshold"),
             "val_roc_auc": r.val_roc_auc,
+            "stress_roc_auc": r.score("stress_roc_auc"),
+            "stress_specificity": r.score("stress_specificity"),
+            "threshold_rule": r.sidecar.threshold_rule,
             "train_seconds": r.sidecar.train_seconds,
             "epochs_run": r.sidecar.epochs_run,
         }
-    best = pick_best({name: r.val_roc_auc for name, r in results.items()})
-    return {"best": best, "selected_by": SELECTED_BY, "variants": variants}
+    best = pick_best({name: r.score(select_by) for name, r in results.items()})
+    return {"best": best, "selected_by": SELECTED_BY[select_by], "select_by": select_by, "variants": variants}
 
 
 def series_specificity(results: dict[str, VariantResult]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -316,7 +336,8 @@ def page_context(inp: ReportInputs) -> dict[str, Any]:
     return {
         "best": inp.summary["best"],
         "variants": inp.summary["variants"],
-        "selected_by": SELECTED_BY,
+        "selected_by": inp.summary["selected_by"],
+        "stress": {name: r.stress for name, r in inp.results.items() if r.stress},
         "higher_on_test": higher_on_test(inp.summary),
         "sensitivity_by_subtype": {n: _dict(r.metrics.get("sensitivity_by_subtype")) for n, r in inp.results.items()},
         "series": series,

@@ -31,15 +31,19 @@ from cxr.metrics import binary_metrics, choose_threshold
 from cxr.models import backbone_features, build_model, compile_model, compose, feature_head
 from cxr.params import BACKBONE_MODELS, Params, VariantParams
 from cxr.sidecar import Sidecar, ValSummary
+from cxr.stress import stress_probabilities
 
 
 @dataclass
 class TrainResult:
-    """A trained model, its sidecar (models/<v>.json) and the per-epoch history."""
+    """A trained model, its sidecar (models/<v>.json), the per-epoch history and its probabilities
+    on the validation images (in their order), which chose the threshold."""
 
     model: keras.Model
     meta: Sidecar
     history: dict[str, list[float]] = field(default_factory=dict)
+    val_prob: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    stress_prob: dict[str, np.ndarray] = field(default_factory=dict)  # shift → validation probabilities (cxr.stress)
 
 
 def set_determinism(seed: int) -> None:
@@ -223,7 +227,8 @@ def train_variant(
         seconds = time.perf_counter() - start
         if not np.all(np.isfinite(val_prob)):
             raise CxrError(f"variant {variant.name} diverged (non-finite validation predictions); lower variants.{variant.name}.learning_rate")
-        threshold = choose_threshold(params.train.threshold_rule, val.y, val_prob)
+        stress_prob = stress_probabilities(model, val.x, params.seed)
+        threshold = choose_threshold(params.train.threshold_rule, val.y, val_prob, stress_prob)
         m = binary_metrics(val.y, val_prob, threshold)
         summary = ValSummary(roc_auc=m["roc_auc"], accuracy=m["accuracy"], sensitivity=m["sensitivity"], specificity=m["specificity"], n=m["n"])
         if live is not None:
@@ -237,7 +242,8 @@ def train_variant(
         f"threshold={threshold:.3f} ({params.train.threshold_rule}) sensitivity={summary.sensitivity:.3f} specificity={summary.specificity:.3f}"
     )
     meta = sidecar(variant, params, threshold, summary, epochs_run, seconds)
-    return TrainResult(model=model, meta=meta, history={k: [float(v) for v in vals] for k, vals in history.history.items()})
+    history_lists = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    return TrainResult(model=model, meta=meta, history=history_lists, val_prob=val_prob, stress_prob=stress_prob)
 
 
 def sidecar(variant: VariantParams, params: Params, threshold: float, val: ValSummary, epochs_run: int, seconds: float) -> Sidecar:

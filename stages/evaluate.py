@@ -24,7 +24,7 @@ def main() -> int:
         raise ValueError("usage: python stages/evaluate.py VARIANT (a name under params.yaml variants)")
     name = sys.argv[1]
     params = cxr_params.load()
-    params.variant(name)  # unknown name → a clear error listing the known ones
+    params.model_variant(name)  # unknown name → a clear error listing the known ones (variants and <v>_cv ensembles)
     loaded = load_model(Path("models") / f"{name}.keras")
     test = load_split(cache_dir("data/processed", loaded.image_size), "test")
     if len(test) == 0:

@@ -19,9 +19,10 @@ FIGURES = Path("plots/figures")
 
 def main() -> int:
     params = cxr_params.load()
-    results = {name: report.load_result(name) for name in params.variants}
-    summary = report.build_summary(results)
+    results = {name: report.load_result(name) for name in params.model_names}
+    summary = report.build_summary(results, params.report.select_by)
     best = summary["best"]
+    # ensembles have no curves of their own (their fold models train without DVCLive)
     curves = {name: report.read_training_curves(Path("dvclive") / name) for name in params.variants}
     # Figures go to a temporary folder that replaces plots/figures only when everything succeeded.
     with atomic_dir(FIGURES) as tmp:

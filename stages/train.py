@@ -1,9 +1,16 @@
-"""Stage `train@<variant>`: fit one variant on the preprocessed cache and choose its threshold.
+"""Stage `train@<variant>` (and `train_fold@<variant>-<k>`): fit one variant on the preprocessed
+cache and choose its threshold on validation.
 
-    python stages/train.py VARIANT     # (dvc repro train@VARIANT) → models/VARIANT.{keras,json}, dvclive/VARIANT/
+    python stages/train.py VARIANT            # (dvc repro train@VARIANT) → models/VARIANT.{keras,json}, dvclive/VARIANT/, metrics/VARIANT_stress.json
+    python stages/train.py VARIANT --fold K   # (dvc repro train_fold@VARIANT-K) → models/cv/VARIANT/foldK.{keras,json,oof.csv}
 
 Per-epoch loss / AUC go to dvclive/VARIANT/plots/metrics and dvclive/VARIANT/metrics.json; the
-decision threshold is Youden's J on validation with the restored best weights.
+decision threshold follows train.threshold_rule on validation with the restored best weights.
+With --fold K the model trains on every official-train image outside fold K (split.folds),
+is validated and early-stopped on fold K, and writes fold K's out-of-fold probabilities
+(path,label,fold,probability and p_<shift> under each stress shift) for `stages/ensemble.py`.
+Without --fold, the validation images' figures under the stress shifts (cxr.stress) go to
+metrics/VARIANT_stress.json.
 
 With train.distribute: multi_worker, run the same command on every machine of TF_CONFIG's
 cluster (docs/scaling.md); only the chief writes the outputs.
@@ -11,39 +18,64 @@ cluster (docs/scaling.md); only the chief writes the outputs.
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
+import pandas as pd
+
 from cxr import params as cxr_params
-from cxr.cache import cache_dir, load_split
-from cxr.errors import run_main
-from cxr.io import atomic_dir
+from cxr.cache import cache_dir, fold_split, load_split, official_train
+from cxr.ensemble import fold_paths
+from cxr.errors import CxrError, run_main
+from cxr.io import atomic_dir, atomic_file, write_json
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        raise ValueError("usage: python stages/train.py VARIANT (a name under params.yaml variants)")
-    name = sys.argv[1]
+    parser = argparse.ArgumentParser(description="train one variant (a name under params.yaml variants)")
+    parser.add_argument("variant")
+    parser.add_argument("--fold", type=int, default=None, help="train on the other folds, validate on this one (cv)")
+    args = parser.parse_args()
+    name = args.variant
     params = cxr_params.load()
     variant = params.variant(name)
+    if args.fold is not None and (name not in params.cv.variants or args.fold not in params.cv.folds):
+        raise CxrError(f"--fold {args.fold} for {name}: params.yaml cv.variants {params.cv.variants} and cv.folds {params.cv.folds} must include them")
     # TensorFlow loads only once params.yaml is known to be good: a bad value fails in a second.
     from cxr.distribute import cluster_errors, get_strategy, is_chief, output_root, task_of
+    from cxr.stress import stress_summary
     from cxr.training import save_result, train_variant
 
     start = time.perf_counter()
     folder = cache_dir("data/processed", variant.image_size)
-    train, val = load_split(folder, "train"), load_split(folder, "val")
+    if args.fold is None:
+        train, val = load_split(folder, "train"), load_split(folder, "val")
+    else:
+        train, val = fold_split(official_train(folder), args.fold)
     # Before other TensorFlow work: a multi-worker strategy sets up collective ops here.
     strategy = get_strategy(params.train.distribute)
     chief, task = is_chief(strategy), task_of(strategy)
     # Non-chief workers run the same code, writing into a scratch root that is then removed.
     # DVCLive writes into a temporary folder that replaces dvclive/VARIANT only if all succeeds.
-    with cluster_errors(task), output_root(chief) as root, atomic_dir(root / "dvclive" / name) as live_dir:
-        result = train_variant(variant, params, train, val, live_dir=live_dir)
-        save_result(result, root / "models" / f"{name}.keras", root / "models" / f"{name}.json")
+    with cluster_errors(task), output_root(chief) as root:
+        if args.fold is None:
+            with atomic_dir(root / "dvclive" / name) as live_dir:
+                result = train_variant(variant, params, train, val, live_dir=live_dir)
+                stress = stress_summary(val.y, result.val_prob, result.stress_prob, result.meta.threshold)
+                save_result(result, root / "models" / f"{name}.keras", root / "models" / f"{name}.json")
+                write_json(root / "metrics" / f"{name}_stress.json", stress)
+            written = f"models/{name}.keras, models/{name}.json and metrics/{name}_stress.json (mean stress roc_auc {stress['mean']['roc_auc']:.4f})"
+        else:
+            result = train_variant(variant, params, train, val)
+            model_path, meta_path, oof_path = fold_paths(name, args.fold, root)
+            stressed = {f"p_{shift}": p for shift, p in result.stress_prob.items()}
+            oof = pd.DataFrame({"path": val.rows["path"], "label": val.y, "fold": args.fold, "probability": result.val_prob, **stressed})
+            with atomic_file(oof_path) as fh:
+                oof.to_csv(fh, index=False)
+            save_result(result, model_path, meta_path)
+            written = f"{model_path.relative_to(root)} (+ .json, .oof.csv: {len(oof)} out-of-fold images)"
     seconds = time.perf_counter() - start
     if chief:
-        print(f"train@{name}: wrote models/{name}.keras and models/{name}.json in {seconds:.1f} s wall")
+        print(f"train@{name}{'' if args.fold is None else f' fold {args.fold}'}: wrote {written} in {seconds:.1f} s wall")
     else:
         print(f"train@{name}: {task.type} {task.index} finished in {seconds:.1f} s wall; the chief wrote the outputs")
     return 0

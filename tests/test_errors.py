@@ -381,6 +381,7 @@ def image_project(tmp_path_factory) -> dict:
     def edit(params: dict) -> None:
         params["split"]["val_fraction"] = 0.3
         params["variants"] = {"cnn_baseline": params["variants"]["cnn_baseline"]}
+        params["cv"] = {"variants": [], "folds": []}  # no k-fold ensemble of a variant left out
 
     write_params(project, edit)
     split = subprocess.run(command("split"), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=TIMEOUT)

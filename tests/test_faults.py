@@ -194,6 +194,7 @@ def test_full_disk_while_preprocess_writes_keeps_the_previous_cache(tmp_path):
     def two_sizes(params: dict) -> None:
         params["split"]["val_fraction"] = 0.3
         params["variants"] = {k: params["variants"][k] for k in ("cnn_baseline", "dense_baseline")}
+        params["cv"] = {"variants": [], "folds": []}  # no k-fold ensemble of a variant left out
         params["variants"]["dense_baseline"]["image_size"] = 32
 
     write_params(project, two_sizes)

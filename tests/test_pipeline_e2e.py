@@ -24,15 +24,19 @@ def ran(output: str) -> set[str]:
 
 def test_every_stage_runs_and_writes_its_outputs(tiny_pipeline):
     work = tiny_pipeline.origin
-    variants = list(yaml.safe_load((work / "params.yaml").read_text())["variants"])
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    variants, cv = list(params["variants"]), params["cv"]
     expected = {"fetch", "split", "preprocess", "report"} | {f"{s}@{v}" for s in ("train", "evaluate") for v in variants}
+    expected |= {f"train_fold@{v}-{k}" for v in cv["variants"] for k in cv["folds"]}
+    expected |= {f"{s}@{v}" for s in ("ensemble", "evaluate_cv") for v in cv["variants"]}
     assert ran(tiny_pipeline.first_run) == expected
-    for v in variants:
+    for v in variants + [f"{v}_cv" for v in cv["variants"]]:
         metrics = json.loads((work / f"metrics/{v}.json").read_text())
         assert 0 <= metrics["roc_auc"] <= 1 and metrics["n_test"] == 20
         assert (work / f"models/{v}.keras").exists()
     summary = json.loads((work / "metrics/summary.json").read_text())
-    assert summary["best"] in variants and summary["selected_by"] == "validation roc_auc"
+    assert summary["best"] in set(summary["variants"]) and summary["selected_by"] == "validation roc_auc"
+    assert set(summary["variants"]) == set(variants) | {f"{v}_cv" for v in cv["variants"]}
     assert (work / "plots/report.html").exists()
 
 

@@ -16,12 +16,28 @@ def test_preprocess_depends_on_every_variant_size(project_root):
         assert f"variants.{name}.image_size" in listed, f"add variants.{name}.image_size to preprocess params in dvc.yaml"
 
 
+def test_report_depends_on_every_ensemble(project_root):
+    cv_variants = load(project_root, "params.yaml").get("cv", {}).get("variants", [])
+    deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
+    for name in (f"{v}_cv" for v in cv_variants):
+        for path in (
+            f"metrics/{name}.json",
+            f"metrics/{name}_stress.json",
+            f"models/{name}.json",
+            f"models/{name}.keras",
+            f"plots/{name}/roc.csv",
+            f"plots/{name}/predictions.csv",
+        ):
+            assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
+
+
 def test_report_depends_on_every_variant(project_root):
     variants = load(project_root, "params.yaml")["variants"]
     deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
     for name in variants:
         for path in (
             f"metrics/{name}.json",
+            f"metrics/{name}_stress.json",
             f"models/{name}.json",
             f"models/{name}.keras",
             f"plots/{name}/roc.csv",

@@ -18,6 +18,7 @@ import yaml
 from cxr import figures, metrics, report
 from cxr.errors import CxrError
 from cxr.sidecar import Sidecar, ValSummary
+from cxr.stress import stress_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,6 +57,9 @@ def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 
     return report.VariantResult(name, ev.metrics, meta, ev.tables["predictions"], ev.tables["roc"])
 
 
+# what train writes to metrics/<v>_stress.json, for four validation images and one shift
+STRESS = stress_summary(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), {"blur": np.array([0.3, 0.6, 0.7, 0.4])}, 0.5)
+
 AUDIT = {
     "strategy": "patient_grouped",
     "counts": {
@@ -86,10 +90,22 @@ def test_best_is_chosen_by_validation_auc_not_test():
     json.dumps(summary, allow_nan=False)
 
 
+def test_select_by_stress_uses_the_stress_figures_not_test():
+    a, b = fake_result("steady", 0.90, 0.1), fake_result("brittle", 0.99, 0.6, seed=1)
+    a.stress = {"mean": {"roc_auc": 0.85, "specificity": 0.7}}
+    b.stress = {"mean": {"roc_auc": 0.80, "specificity": 0.9}}
+    results = {"steady": a, "brittle": b}
+    assert report.build_summary(results, "val_roc_auc")["best"] == "brittle"
+    summary = report.build_summary(results, "stress_roc_auc")
+    assert summary["best"] == "steady" and summary["selected_by"] == "mean validation roc_auc under the stress shifts"
+    assert summary["variants"]["steady"]["stress_roc_auc"] == 0.85
+    assert report.build_summary(results, "stress_specificity")["best"] == "brittle"
+
+
 def test_pick_best_ties_and_missing():
     assert report.pick_best({"b": 0.9, "a": 0.9, "c": 0.5}) == "a"
     assert report.pick_best({"b": 0.9, "a": None}) == "b"
-    with pytest.raises(CxrError, match="validation roc_auc"):
+    with pytest.raises(CxrError, match="validation figure report.select_by ranks by"):
         report.pick_best({"a": None})
 
 
@@ -197,6 +213,7 @@ def write_result(root: Path, r: report.VariantResult) -> None:
     for folder in ("metrics", "models", f"plots/{r.name}"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     (root / "metrics" / f"{r.name}.json").write_text(json.dumps(r.metrics))
+    (root / "metrics" / f"{r.name}_stress.json").write_text(json.dumps(STRESS))
     r.sidecar.write(root / "models" / f"{r.name}.json")
     r.predictions.to_csv(root / "plots" / r.name / "predictions.csv", index=False)
     r.roc.to_csv(root / "plots" / r.name / "roc.csv", index=False)
@@ -313,6 +330,8 @@ def make_project(root: Path) -> None:
             "params": {},
         }
         (root / "models" / f"{name}.json").write_text(json.dumps(sidecar))
+        (root / "metrics").mkdir(exist_ok=True)
+        (root / "metrics" / f"{name}_stress.json").write_text(json.dumps(STRESS))
     (root / "data" / "split").mkdir(parents=True)
     (root / "data" / "split" / "audit.json").write_text(json.dumps(AUDIT))
     log = root / "dvclive" / "alpha" / "plots" / "metrics" / "train"

@@ -53,6 +53,8 @@ def tiny_params(source: Path) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["fetch"]["source"] = str(source)
     params["split"]["val_fraction"] = 0.3
+    params["split"]["folds"] = 2  # each fold of ~19 patients still holds both classes
+    params["cv"]["folds"] = [0, 1]
     params["transfer"]["weights"] = "none"  # nothing to download in a test
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["gradcam_per_outcome"] = 1

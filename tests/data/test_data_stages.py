@@ -40,6 +40,7 @@ def project(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["split"]["val_fraction"] = 0.25
     params["variants"] = {k: params["variants"][k] for k in ("cnn_baseline", "transfer_frozen")}
+    params["cv"] = {"variants": [], "folds": []}  # no k-fold ensemble of a variant left out
     params["variants"]["cnn_baseline"]["image_size"] = 48
     params["variants"]["transfer_frozen"]["image_size"] = 32
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

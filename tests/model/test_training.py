@@ -126,6 +126,9 @@ def test_stage_script_end_to_end(tmp_path):
     live = tmp_path / "dvclive" / "cnn_baseline"
     assert json.loads((live / "metrics.json").read_text())["step"] == meta["epochs_run"] - 1
     assert (live / "plots" / "metrics" / "eval" / "roc_auc.tsv").is_file()
+    stress = json.loads((tmp_path / "metrics" / "cnn_baseline_stress.json").read_text())
+    assert stress["threshold"] == meta["threshold"] and stress["n"] == 8 and len(stress["shifts"]) == 15
+    assert stress["shifts"]["clean"]["roc_auc"] == pytest.approx(meta["val"]["roc_auc"])
     leftovers = [p.name for p in (tmp_path / "models").iterdir()] + [p.name for p in (tmp_path / "dvclive").iterdir()]
     assert sorted(leftovers) == ["cnn_baseline", "cnn_baseline.json", "cnn_baseline.keras"]
 
