@@ -29,6 +29,7 @@ import numpy as np
 from common import ROOT, children_cpu, sample_files, timed, write_result
 from cxr.errors import run_main
 from cxr.inference import decode, load_images, load_model, predict_arrays, predict_files
+from cxr.sidecar import Sidecar, ValSummary
 
 GOAL_BATCH_IPS, GOAL_SINGLE_MS = 100.0, 50.0
 STANDIN_SIZE = 224
@@ -56,8 +57,19 @@ def build_standin(folder: Path) -> Path:
     model = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.Dropout(0.2)(x)), name="standin")
     path = folder / "standin.keras"
     model.save(path)
-    meta = {"variant": "standin", "model": "transfer_frozen", "image_size": STANDIN_SIZE, "resize": "squash", "threshold": 0.5}
-    path.with_suffix(".json").write_text(json.dumps(meta))
+    untrained = ValSummary(roc_auc=float("nan"), accuracy=float("nan"), sensitivity=float("nan"), specificity=float("nan"), n=0)
+    Sidecar(
+        variant="standin",
+        model="transfer_frozen",
+        image_size=STANDIN_SIZE,
+        resize="squash",
+        threshold=0.5,
+        threshold_rule="none (untrained)",
+        val=untrained,
+        epochs_run=0,
+        train_seconds=0.0,
+        seed=0,
+    ).write(path.with_suffix(".json"))
     return path
 
 

@@ -126,9 +126,21 @@ def rows_predict(r: dict[str, Any]) -> list[Row]:
 
 
 def variant_names() -> list[str]:
-    import yaml
+    """Every model of the default pipeline: the variants and the k-fold ensembles (cxr.params)."""
+    from cxr import params as cxr_params
 
-    return list((yaml.safe_load((ROOT / "params.yaml").read_text()) or {}).get("variants", {}))
+    return cxr_params.load(ROOT / "params.yaml").model_names
+
+
+def read_sidecar(name: str) -> Any:
+    """models/<name>.json through cxr.sidecar (its one reader), or None when not trained yet."""
+    from cxr import sidecar
+    from cxr.errors import CxrError
+
+    try:
+        return sidecar.read(ROOT / "models" / f"{name}.keras")
+    except CxrError:
+        return None
 
 
 def fetch_source() -> str | None:
@@ -146,18 +158,16 @@ def fetch_source() -> str | None:
 
 def read_training() -> tuple[list[Row], dict[str, Any]]:
     names = variant_names()
-    sidecars = {v: read_json(ROOT / "models" / f"{v}.json") for v in names}
+    sidecars = {v: read_sidecar(v) for v in names}
     summary = read_json(ROOT / "metrics" / "summary.json")
-    done = {v: s for v, s in sidecars.items() if isinstance(s, dict) and s.get("train_seconds") is not None}
+    done = {v: {"train_seconds": s.train_seconds, "epochs_run": s.epochs_run, "image_size": s.image_size} for v, s in sidecars.items() if s is not None}
     data = {
-        "variants": {
-            v: {"train_seconds": s.get("train_seconds"), "epochs_run": s.get("epochs_run"), "image_size": s.get("image_size")} for v, s in done.items()
-        },
+        "variants": done,
         "source": fetch_source(),
         "best": (summary or {}).get("best"),
     }
     if not done:
-        return [row("training: each default variant's wall time and epochs", "total ≤ 45 min; best ≤ 10 min", NOT_RUN + " (no models/<v>.json)", NOT_RUN)], data
+        return [row("training: each default variant's wall time and epochs", "total ≤ 45 min; best ≤ 15 min", NOT_RUN + " (no models/<v>.json)", NOT_RUN)], data
     src = f" (source {data['source']})" if data["source"] else ""
     rows = [
         row(f"training: {v} ({s.get('image_size')} px)", "", f"{s['train_seconds'] / 60:.1f} min, {s.get('epochs_run')} epochs", None) for v, s in done.items()
@@ -167,7 +177,7 @@ def read_training() -> tuple[list[Row], dict[str, Any]]:
     data["total_seconds"] = total
     rows.append(
         row(
-            f"training: all {len(names)} default variants, total{src}",
+            f"training: all {len(names)} default models (an ensemble counts its fold models), total{src}",
             "≤ 45 min",
             f"{total / 60:.1f} min" + (f" (missing: {', '.join(missing)})" if missing else ""),
             (total <= 45 * 60) if not missing else "incomplete",
@@ -175,9 +185,11 @@ def read_training() -> tuple[list[Row], dict[str, Any]]:
     )
     best = data["best"]
     if best in done:
-        rows.append(row(f"training: best variant ({best})", "≤ 10 min", f"{done[best]['train_seconds'] / 60:.1f} min", done[best]["train_seconds"] <= 600))
+        rows.append(
+            row(f"training: best model ({best}), all it needs", "≤ 15 min", f"{done[best]['train_seconds'] / 60:.1f} min", done[best]["train_seconds"] <= 900)
+        )
     else:
-        rows.append(row("training: best variant", "≤ 10 min", NOT_RUN + " (no metrics/summary.json)", NOT_RUN))
+        rows.append(row("training: best model", "≤ 15 min", NOT_RUN + " (no metrics/summary.json)", NOT_RUN))
     return rows, data
 
 
