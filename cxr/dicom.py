@@ -4,7 +4,7 @@
 
 `cxr.images.open_image` hands a file here when it has the 'DICM' marker (or a .dcm name). A
 single-frame CR or DX image becomes 8-bit grayscale the way a radiology viewer shows it: the
-Modality LUT (rescale slope/intercept or a LUT), then the VOI LUT or the first window
+Modality LUT (rescale slope/intercept or a LUT), then the first VOI LUT or window
 (centre/width; LINEAR, LINEAR_EXACT or SIGMOID) scaled from its output range to 0–255, and
 MONOCHROME1 inverted. With no VOI in the file an 8-bit image is used as stored (like an 8-bit
 PNG) and a wider one is stretched over its own range (like a 16-bit PNG). RGB and YBR images
@@ -30,7 +30,7 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing, get_decoder
+from pydicom.pixels import apply_modality_lut, apply_windowing, get_decoder
 from pydicom.pixels.decoders.base import Decoder
 from pydicom.uid import UID
 
@@ -41,8 +41,9 @@ from cxr.images import ImageError, check_pixels, scale_to_uint8
 MODALITIES = ("CR", "DX")
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")  # pydicom hands all as RGB
-# DICOM's defined Modality terms (PS3.3 C.7.3.1.1.1): only these are ever quoted in a message,
-# so a header that holds something else in (0008,0060) cannot leak it.
+KNOWN_PHOTOMETRIC = frozenset(("PALETTE COLOR", "HSV", "ARGB", "CMYK", "YBR_PARTIAL_422", "YBR_PARTIAL_420"))  # refused, named
+# DICOM's defined Modality terms (PS3.3 C.7.3.1.1.1): only these are ever quoted in a message
+# (the photometric terms likewise), so a header holding something else there cannot leak it.
 KNOWN_MODALITIES = frozenset(
     "ANN AR ASMT AU BDUS BI BMD CFM CT CTPROTOCOL DMS DOC ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR M3D NM "
     "OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN "
@@ -97,7 +98,8 @@ def check_usable(ds: Dataset, where: str) -> None:
         raise ImageError(f"{where}: {frames} frames; cxr reads single-frame images only (export the frame you want)")
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in MONOCHROME + COLOUR:
-        raise ImageError(f"{where}: photometric interpretation {photometric or 'missing'} is not supported; use {', '.join(MONOCHROME)} or RGB")
+        what = photometric if photometric in KNOWN_PHOTOMETRIC else "missing" if not photometric else "unknown"
+        raise ImageError(f"{where}: photometric interpretation {what} is not supported; use {', '.join(MONOCHROME)} or RGB")
     bits = ds.get("BitsAllocated")
     if bits not in (8, 16) or (photometric in COLOUR and bits != 8):
         raise ImageError(f"{where}: {bits}-bit pixels are not supported; cxr reads 8 to 16 bits (colour: 8)")
@@ -123,6 +125,22 @@ def install_hint(decoder: Decoder) -> str:
     return "install one of: " + "; ".join(needs)
 
 
+def apply_lut(values: np.ndarray, item: Dataset, ds: Dataset) -> tuple[np.ndarray, int, int]:
+    """A VOI LUT (PS3.3 C.11.2.1.1) → (its output, 0, its largest output value).
+
+    Not pydicom's `apply_voi`: in 3.0.2 it indexes through an array of the LUT's output type, so
+    an 8-bit LUT with more than 256 entries (common: 4096 × 8 bit) wraps its input around.
+    """
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    data = item.LUTData
+    if isinstance(data, bytes):  # OW: 16-bit words in the file's byte order
+        table = np.frombuffer(data, "<u2" if ds.file_meta.TransferSyntaxUID.is_little_endian else ">u2")
+    else:
+        table = np.atleast_1d(np.asarray(data))  # US: the values (one value reads as a plain int)
+    index = np.clip(np.rint(values) - first, 0, (entries or 65536) - 1).astype(np.int64)
+    return table[index], 0, 2**bits - 1
+
+
 def to_image(arr: np.ndarray, ds: Dataset) -> Image.Image:
     """Decoded pixels → 'RGB' (colour) or 'L': Modality LUT, VOI LUT or window, MONOCHROME1 inverted."""
     if ds.PhotometricInterpretation in COLOUR:
@@ -130,8 +148,7 @@ def to_image(arr: np.ndarray, ds: Dataset) -> Image.Image:
     values = apply_modality_lut(arr, ds)
     voi_lut = ds.VOILUTSequence[0] if ds.get("VOILUTSequence") else Dataset()
     if "LUTDescriptor" in voi_lut and "LUTData" in voi_lut:
-        # A VOI LUT's output is n-bit, n = the third LUT Descriptor value; it takes integers.
-        gray = scale_to_uint8(apply_voi(np.rint(values).astype(np.int64), ds), 0, 2 ** int(voi_lut.LUTDescriptor[2]) - 1)
+        gray = scale_to_uint8(*apply_lut(values, voi_lut, ds))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         # The window's output range (pydicom's, from the stored bits and rescale) is where it sends −∞ and +∞.
         lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
 DIGITAL_XRAY = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
@@ -28,7 +28,7 @@ PHI = {
     "InstitutionName": "Saint Ignatius Kowalczyk Clinic",
     "ReferringPhysicianName": "Drummondville^Hortensia",
     "AccessionNumber": "ACC9988776",
-    "StudyDescription": "Xylophonist chest study",
+    "StudyDescription": "Xylophonist Zanzibar survey",
     "StudyID": "STUDY-44321",
 }
 
