@@ -233,7 +233,6 @@ def test_compressed_without_its_decoder_names_the_syntax_and_the_package(tmp_pat
 
 def phi_files(folder: Path) -> dict[str, Path]:
     """A good PHI-laden DX file and PHI-laden ones failing in each way a DICOM file can."""
-
     px = xray(4)
     files = {
         "good": write_dicom(folder / "good.dcm", px, **PHI),
