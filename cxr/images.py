@@ -1,5 +1,6 @@
-"""THE image path: decode (Pillow, or pydicom for DICOM) → orient → grayscale → resize. Preprocess, evaluation and
-`cxr predict` all call `load_resized`, so a file gives the same pixels everywhere.
+"""THE image path: decode (Pillow; DICOM through cxr.dicom) → orient → grayscale → resize.
+Preprocess, evaluation and `cxr predict` all call `load_resized`, so a file gives the same
+pixels everywhere.
 
     python -m cxr.images FILE SIZE     # print the shape and mean of the cached array for FILE
 """
