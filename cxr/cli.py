@@ -4,9 +4,10 @@
                 [--gradcam DIR] [--batch-size N] [--verbose]
 
 `predict` prints P(pneumonia), the label at the model's validation threshold and the threshold
-for every image (folders are searched recursively). Exit status: 0 all images predicted, 1 some
-file (or the model) failed, 2 usage error. Without --model/--variant it uses the best variant
-named in metrics/summary.json of the project (the nearest folder upwards holding dvc.yaml).
+for every image (folders are searched recursively; DICOM is read too, see cxr.dicom). Exit
+status: 0 all images predicted, 1 some file (or the model) failed, 2 usage error. Without
+--model/--variant it uses the best variant named in metrics/summary.json of the project (the
+nearest folder upwards holding dvc.yaml).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from cxr.errors import CxrError, run_main
 if TYPE_CHECKING:
     import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# Folders are searched by name only (no file is opened to look for the DICOM marker); a file
+# named on the command line is read whatever its name, so an extension-less DICOM works there.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 FORMATS = ("table", "json", "csv")
 SUMMARY = Path("metrics/summary.json")
 MODELS_DIR = Path("models")

@@ -1,5 +1,6 @@
-"""THE image path: decode → orient → grayscale → resize. Preprocess, evaluation and
-`cxr predict` all call `load_resized`, so a file gives the same pixels everywhere.
+"""THE image path: decode (Pillow; DICOM through cxr.dicom) → orient → grayscale → resize.
+Preprocess, evaluation and `cxr predict` all call `load_resized`, so a file gives the same
+pixels everywhere.
 
     python -m cxr.images FILE SIZE     # print the shape and mean of the cached array for FILE
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -22,6 +24,9 @@ MIN_SIDE = 8
 # Large JPEGs decode at a reduced DCT scale (1/2, 1/4, 1/8) whose sides stay ≥ max(this, size):
 # the scale depends on the file and that one size only, never on which other sizes were asked for.
 DRAFT_MIN_SIDE = 256
+# A DICOM file: a 128-byte preamble, then b"DICM" (PS3.10 7.1); files named so go to pydicom anyway.
+DICOM_MAGIC, DICOM_MAGIC_AT = b"DICM", 128
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
 class ImageError(CxrError):
@@ -31,20 +36,19 @@ class ImageError(CxrError):
 def open_image(path: Path | str, draft_size: int | None = None) -> Image.Image:
     """Decode one file into an 8-bit grayscale ('L') image, upright per its EXIF orientation.
 
-    Handles JPEG (grayscale, RGB, CMYK), PNG (palette, RGBA, 16-bit) and what else Pillow reads.
-    `draft_size` lets a large JPEG decode at a reduced scale (≥ that size): 3–5× faster.
+    Handles JPEG (grayscale, RGB, CMYK), PNG (palette, RGBA, 16-bit), what else Pillow reads, and
+    DICOM (recognised by its 'DICM' marker or a .dcm/.dicom name; `cxr.dicom`, pydicom loads only
+    then). `draft_size` lets a large JPEG decode at a reduced scale (≥ that size): 3–5× faster.
     """
     path = Path(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{path}: {img.width}x{img.height} is over {MAX_PIXELS:,} pixels; downscale it first")
-            if draft_size and img.format == "JPEG":
-                # draft keeps both sides ≥ the request; the resize below does the rest.
-                img.draft("L", (draft_size, draft_size))
-            img.load()
+        with open(path, "rb") as f:  # opened once: the DICOM check and the decoder share it
+            if is_dicom(f) or path.suffix.lower() in DICOM_SUFFIXES:
+                from cxr.dicom import read_dicom
+
+                img = read_dicom(f, path)
+            else:
+                img = _open_pillow(f, path, draft_size)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -56,8 +60,33 @@ def open_image(path: Path | str, draft_size: int | None = None) -> Image.Image:
         raise ImageError(f"{path}: cannot decode image ({reason})") from None
     if min(img.size) < MIN_SIDE:
         raise ImageError(f"{path}: {img.width}x{img.height} is too small to be an X-ray (min side {MIN_SIDE} px)")
-    img = ImageOps.exif_transpose(img)
     return to_grayscale(img)
+
+
+def is_dicom(f: BinaryIO) -> bool:
+    """Whether the open file starts like a DICOM file (128-byte preamble, then 'DICM'); rewinds it."""
+    head = f.read(DICOM_MAGIC_AT + len(DICOM_MAGIC))
+    f.seek(0)
+    return head[DICOM_MAGIC_AT:] == DICOM_MAGIC
+
+
+def _open_pillow(f: BinaryIO, path: Path, draft_size: int | None) -> Image.Image:
+    """Pillow's decode of an open file, loaded and upright (EXIF)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(f)
+        check_pixels(path, img.width, img.height)
+        if draft_size and img.format == "JPEG":
+            # draft keeps both sides ≥ the request; the resize below does the rest.
+            img.draft("L", (draft_size, draft_size))
+        img.load()
+    return ImageOps.exif_transpose(img)
+
+
+def check_pixels(path: Path | str, width: int, height: int) -> None:
+    """Refuse an image over MAX_PIXELS before its pixels are decoded."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{path}: {width}x{height} is over {MAX_PIXELS:,} pixels; downscale it first")
 
 
 def to_grayscale(img: Image.Image) -> Image.Image:
@@ -66,15 +95,20 @@ def to_grayscale(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        return Image.fromarray(np.round(a).astype(np.uint8), mode="L")
+        return Image.fromarray(scale_to_uint8(a, float(a.min()), float(a.max())), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Transparent parts become black, like the film background.
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(bg, rgba).convert("L")
     return img.convert("RGB").convert("L") if img.mode in ("CMYK", "YCbCr", "P", "1") else img.convert("L")
+
+
+def scale_to_uint8(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map `lo` → 0 and `hi` → 255 linearly (either may be the larger), clip, round; all 0 if lo == hi."""
+    if hi == lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.round(np.clip((a - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
 
 
 def resize(img: Image.Image, size: int, mode: str = "squash") -> np.ndarray:

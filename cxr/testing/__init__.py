@@ -5,6 +5,7 @@ imports nothing, so `import cxr.testing` costs nothing, and moto/boto3 load only
 server is started or a client made.
 
     cxr.testing.synth       tiny synthetic chest-X-ray archives and folders in the real layouts
+    cxr.testing.dicomfiles  write_dicom (synthetic DICOM files) and PHI (made-up patient data for the privacy tests)
     cxr.testing.httpserver  LoopbackServer: one payload over HTTP on 127.0.0.1 (ranges, drops, errors)
     cxr.testing.s3server    S3Server: moto's S3 and IAM on 127.0.0.1, in a child process
     cxr.testing.pipeline    sh (run a command as `make repro` does) and build_tiny_pipeline (a
