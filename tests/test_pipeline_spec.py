@@ -27,6 +27,8 @@ def test_report_depends_on_every_variant(project_root):
             f"plots/{name}/roc.csv",
             f"plots/{name}/predictions.csv",
             f"dvclive/{name}/plots/metrics",
+            f"metrics/{name}_ood.json",
+            f"plots/{name}/risk_coverage.csv",
         ):
             assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
 
