@@ -90,9 +90,9 @@ class Prediction:
         }
 
 
-def load_model(path: Path | str) -> LoadedModel:
-    """Load `models/<v>.keras` safely (no compile), its sidecar and, when present, its OOD gate
-    (`models/<v>.ood.npz`); CxrError if any is unusable."""
+def load_model(path: Path | str, with_gate: bool = True) -> LoadedModel:
+    """Load `models/<v>.keras` safely (no compile), its sidecar and, when present and
+    `with_gate`, its OOD gate (`models/<v>.ood.npz`); CxrError if any is unusable."""
     import keras
 
     path = Path(path)
@@ -113,7 +113,7 @@ def load_model(path: Path | str) -> LoadedModel:
     size = meta.image_size
     if shape is not None and tuple(shape[1:]) not in ((size, size, 1), (None, None, 1)):
         raise CxrError(f"{path}: model input {shape[1:]} does not match sidecar image_size {size}; {hint}")
-    if not gate_path(path).is_file():
+    if not with_gate or not gate_path(path).is_file():
         return LoadedModel(model=model, meta=meta, path=path)
     gate = Gate.load(gate_path(path))
     features = penultimate(model)

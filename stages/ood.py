@@ -47,7 +47,7 @@ def main() -> int:
     params = cxr_params.load()
     params.variant(name)
     model_path = Path("models") / f"{name}.keras"
-    loaded = replace(load_model(model_path), gate=None, features=None)  # an old gate beside the model plays no part
+    loaded = load_model(model_path, with_gate=False)  # an old gate beside the model plays no part
     folder = cache_dir("data/processed", loaded.image_size)
     train, val, test = (load_split(folder, s) for s in ("train", "val", "test"))
     if len(train) < 2 or len(test) == 0:
