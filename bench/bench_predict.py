@@ -131,7 +131,7 @@ def main() -> int:
     failed = [p.error for p in preds if not p.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} sample file(s) failed, e.g. {failed[0]}")
-    decode_s, (x, _) = timed(lambda: load_images(files, size, loaded.resize))
+    decode_s, (x, _, _) = timed(lambda: load_images(files, size, loaded.resize))
     arrays_s, _ = timed(lambda: predict_arrays(loaded.model, x, args.batch_size))
     single_file_ms = median_ms(lambda: predict_files(files[:1], loaded, 1), args.repeats)
     single_array_ms = median_ms(lambda: predict_arrays(loaded.model, x[:1], 1), args.repeats)
@@ -181,7 +181,7 @@ def main() -> int:
     print(f"wrote {path.relative_to(ROOT)}")
     if args.profile:
         # one thread, so cProfile sees the decoding too (the threaded run hides it in workers)
-        sequential = lambda: predict_arrays(loaded.model, np.stack([decode(p, size, loaded.resize) for p in files]), args.batch_size)  # noqa: E731
+        sequential = lambda: predict_arrays(loaded.model, np.stack([decode(p, size, loaded.resize)[0] for p in files]), args.batch_size)  # noqa: E731
         print(profile_top(sequential, 16))
     tmp.cleanup()
     return 0

@@ -1,13 +1,16 @@
 """The `cxr` command (installed by pyproject.toml; `python -m cxr.cli` does the same).
 
     cxr predict IMAGE_OR_FOLDER... [--variant NAME | --model FILE] [--format table|json|csv]
-                [--gradcam DIR] [--batch-size N] [--verbose]
+                [--gradcam DIR] [--batch-size N] [--strict] [--verbose]
 
 `predict` prints P(pneumonia), the label at the model's validation threshold and the threshold
-for every image (folders are searched recursively; DICOM is read too, see cxr.dicom). Exit
-status: 0 all images predicted, 1 some file (or the model) failed, 2 usage error. Without
---model/--variant it uses the best variant named in metrics/summary.json of the project (the
-nearest folder upwards holding dvc.yaml).
+for every image (folders are searched recursively; DICOM is read too, see cxr.dicom). With the model's OOD gate beside it
+(models/<v>.ood.npz, stage ood@<v>) the label is OUT_OF_DISTRIBUTION for what is not a pediatric
+frontal chest X-ray and UNCERTAIN (refer to a radiologist) inside the refer band around the
+threshold; the OOD score (> 1: out) and the band are printed too. Exit status: 0 all images
+predicted, 1 some file (or the model) failed, or with --strict some image was out of
+distribution, 2 usage error. Without --model/--variant it uses the best variant named in
+metrics/summary.json of the project (the nearest folder upwards holding dvc.yaml).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
     p.add_argument("--gradcam", metavar="DIR", type=Path, help="also write DIR/<stem>_gradcam.png heatmap overlays")
     p.add_argument("--batch-size", metavar="N", type=positive_int, default=64, help="images per model call (default: 64)")
+    p.add_argument("--strict", action="store_true", help="exit 1 when some image is OUT_OF_DISTRIBUTION")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     p.set_defaults(run=predict_command, subparser=p)
     return parser
@@ -140,14 +144,15 @@ def gradcam_writer(paths: list[Path], out_dir: Path, cam: Any) -> tuple[Callable
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["path", "probability", "label", "threshold"]
-    width = max([len(header[0])] + [len(r["path"]) for r in rows])
-    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<9}  {'threshold':>9}"]
+    width = max([len("path")] + [len(r["path"]) for r in rows])
+    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<19}  {'threshold':>9}  {'ood_score':>9}"]
     for r in rows:
         prob = "-" if r["probability"] is None else f"{r['probability']:.4f}"
+        score = "-" if r.get("ood_score") is None else f"{r['ood_score']:.2f}"
         label = r["label"] or "ERROR"
-        line = f"{r['path']:<{width}}  {prob:>11}  {label:<9}  {r['threshold']:>9.4f}"
-        lines.append(line + (f"  {r['error']}" if r["error"] else ""))
+        line = f"{r['path']:<{width}}  {prob:>11}  {label:<19}  {r['threshold']:>9.4f}  {score:>9}"
+        note = r["error"] or r.get("ood_reason")
+        lines.append(line + (f"  {note}" if note else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -174,6 +179,12 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if not paths:
         parser.error(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, args.paths))}")
     loaded = load_model(resolve_model(args.variant, args.model, project_root()))
+    if loaded.gate is None:
+        print(
+            f"note: no OOD gate beside {loaded.path} (models/<v>.ood.npz): no OUT_OF_DISTRIBUTION or UNCERTAIN labels; "
+            f"run `dvc repro ood@{loaded.path.stem}` to fit them",
+            file=sys.stderr,
+        )
     on_image, overlays = None, {}
     if args.gradcam is not None:
         from cxr.gradcam import GradCam
@@ -190,7 +201,13 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     failed = sum(r["error"] is not None for r in rows)
     if failed:
         print(f"error: {failed} of {len(rows)} file(s) could not be predicted (see the error column)", file=sys.stderr)
-    return 1 if failed else 0
+    outside = sum(bool(r.get("ood")) for r in rows)
+    if outside:
+        print(
+            f"{'error' if args.strict else 'warning'}: {outside} of {len(rows)} image(s) are not pediatric frontal chest X-rays (OUT_OF_DISTRIBUTION)",
+            file=sys.stderr,
+        )
+    return 1 if failed or (args.strict and outside) else 0
 
 
 def cli(argv: list[str] | None = None) -> int:

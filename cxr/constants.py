@@ -10,3 +10,7 @@ OFFICIAL_SPLITS = ("train", "test")
 SPLITS = ("train", "val", "test")
 # squash: stretch to a square (the seed's); pad: keep the aspect ratio, black borders.
 RESIZE_MODES = ("squash", "pad")
+# Labels `cxr predict` gives besides the classes: not a pediatric frontal chest X-ray (cxr.ood's
+# gate), and too close to the threshold to answer (inside the refer band: refer to a radiologist).
+OUT_OF_DISTRIBUTION = "OUT_OF_DISTRIBUTION"
+UNCERTAIN = "UNCERTAIN"

@@ -141,6 +141,22 @@ def make_figures(results: dict[str, VariantResult], curves: dict[str, dict[str, 
     return out, notes
 
 
+def plot_risk_coverage(name: str, curve: pd.DataFrame, ood: dict[str, Any], out_png: Path) -> None:
+    """Accuracy and specificity of the answered test cases against the share answered (most
+    confident first), with the refer band's own operating point."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("accuracy", "-"), ("specificity", "--"), ("sensitivity", ":")):
+        ax.plot(curve["coverage"], curve[key], style, label=key)
+    band = ood["refer_band"]["test"]
+    if band.get("coverage") is not None and band.get("accuracy") is not None:
+        ax.plot([band["coverage"]], [band["accuracy"]], "ko", label=f"refer band (accuracy, {band['coverage']:.0%} answered)")
+    ax.set(xlabel="coverage (share of test images answered)", ylabel="among the answered", xlim=(0, 1.01), title=f"Risk-coverage of {name} (test)")
+    ax.set_ylim(max(0.0, float(np.nanmin(curve[["accuracy", "specificity"]].to_numpy(dtype=float))) - 0.05), 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, out_png)
+
+
 def _save(fig: Any, out_png: Path, tight: bool = True) -> None:
     if tight:
         fig.tight_layout()

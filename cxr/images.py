@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,16 +30,50 @@ DICOM_MAGIC, DICOM_MAGIC_AT = b"DICM", 128
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
+# The colourfulness of a file is measured on a thumbnail this size (cheap, and enough for a mean).
+FACTS_SIDE = 64
+
+
 class ImageError(CxrError):
     """An image that cannot be used; the message names the file and why."""
 
 
-def open_image(path: Path | str, draft_size: int | None = None) -> Image.Image:
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the grayscale pixels no longer show about a file: its decoded size and colour
+    (for cxr.ood's image-level checks)."""
+
+    width: int
+    height: int
+    colourfulness: float  # Hasler & Süsstrunk (2003); 0 for a grayscale file
+
+    @property
+    def aspect(self) -> float:
+        """Long side / short side (≥ 1)."""
+        return max(self.width, self.height) / min(self.width, self.height)
+
+
+def colourfulness(img: Image.Image) -> float:
+    """Hasler & Süsstrunk's colourfulness M of an image (0 for gray; ~15 "slightly colourful",
+    ~45 "moderately", >100 "extremely"), measured on a FACTS_SIDE-px thumbnail."""
+    if img.mode in ("L", "1", "I;16", "I;16B", "I;16L", "I", "F", "LA"):
+        return 0.0
+    small = img.convert("RGB")
+    small.thumbnail((FACTS_SIDE, FACTS_SIDE), Image.Resampling.BOX)
+    rgb = np.asarray(small, dtype=np.float64).reshape(-1, 3)
+    rg = rgb[:, 0] - rgb[:, 1]
+    yb = 0.5 * (rgb[:, 0] + rgb[:, 1]) - rgb[:, 2]
+    return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def open_image(path: Path | str, draft_size: int | None = None, with_facts: bool = False) -> Image.Image | tuple[Image.Image, ImageFacts]:
     """Decode one file into an 8-bit grayscale ('L') image, upright per its EXIF orientation.
 
     Handles JPEG (grayscale, RGB, CMYK), PNG (palette, RGBA, 16-bit), what else Pillow reads, and
     DICOM (recognised by its 'DICM' marker or a .dcm/.dicom name; `cxr.dicom`, pydicom loads only
-    then). `draft_size` lets a large JPEG decode at a reduced scale (≥ that size): 3–5× faster.
+    then). `draft_size` lets a large JPEG decode at a reduced scale (≥ that size): 3–5× faster;
+    the scale only, never the colour, so `with_facts` can also return the file's `ImageFacts`
+    from the same decode.
     """
     path = Path(path)
     try:
@@ -60,6 +95,8 @@ def open_image(path: Path | str, draft_size: int | None = None) -> Image.Image:
         raise ImageError(f"{path}: cannot decode image ({reason})") from None
     if min(img.size) < MIN_SIDE:
         raise ImageError(f"{path}: {img.width}x{img.height} is too small to be an X-ray (min side {MIN_SIDE} px)")
+    if with_facts:
+        return to_grayscale(img), ImageFacts(img.width, img.height, colourfulness(img))
     return to_grayscale(img)
 
 
@@ -78,7 +115,7 @@ def _open_pillow(f: BinaryIO, path: Path, draft_size: int | None) -> Image.Image
         check_pixels(path, img.width, img.height)
         if draft_size and img.format == "JPEG":
             # draft keeps both sides ≥ the request; the resize below does the rest.
-            img.draft("L", (draft_size, draft_size))
+            img.draft(img.mode, (draft_size, draft_size))
         img.load()
     return ImageOps.exif_transpose(img)
 
@@ -150,6 +187,12 @@ def load_resized(path: Path | str, sizes: list[int] | tuple[int, ...], mode: str
             decoded[side] = open_image(path, draft_size=side)
         out[s] = resize(decoded[side], s, mode)
     return out
+
+
+def load_resized_facts(path: Path | str, size: int, mode: str = "squash") -> tuple[np.ndarray, ImageFacts]:
+    """`load_resized(path, [size], mode)[size]` and the file's `ImageFacts`, from one decode."""
+    img, facts = open_image(path, draft_size=draft_side(size), with_facts=True)
+    return resize(img, size, mode), facts
 
 
 def main() -> int:

@@ -6,6 +6,8 @@
 pickled code) and needs `models/<v>.json` next to `models/<v>.keras`, because the input size,
 resize mode and decision threshold live there. Files go through `cxr.images.load_resized`, the
 same decoder preprocess uses, so a file gets the same probability here as in evaluation.
+With `models/<v>.ood.npz` beside the model (stage `ood@<v>`, cxr.ood) each prediction also gets
+an OOD score and flag, and the label OUT_OF_DISTRIBUTION or UNCERTAIN where it applies.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import numpy as np
 from cxr import sidecar
 from cxr.constants import NEGATIVE, POSITIVE
 from cxr.errors import CxrError
-from cxr.images import ImageError, load_resized
+from cxr.images import ImageError, ImageFacts, load_resized_facts
+from cxr.ood import Gate, flatten, gate_path, penultimate
 
 # model → its compiled inference function (see _forward); dropped with the model
 _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -37,6 +40,8 @@ class LoadedModel:
     model: Any  # keras.Model
     meta: sidecar.Sidecar
     path: Path | None = None
+    gate: Gate | None = None  # models/<v>.ood.npz when present
+    features: Any = None  # keras.Model: the penultimate features the gate scores
 
     @property
     def image_size(self) -> int:
@@ -60,17 +65,34 @@ class Prediction:
     label: str | None
     threshold: float
     error: str | None = None
+    ood_score: float | None = None  # > 1: out of distribution (None: no gate beside the model)
+    ood: bool | None = None
+    ood_reason: str | None = None
+    refer_low: float | None = None  # the UNCERTAIN band: refer_low < probability < refer_high
+    refer_high: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "probability": self.probability, "label": self.label, "threshold": self.threshold, "error": self.error}
+        return {
+            "path": self.path,
+            "probability": self.probability,
+            "label": self.label,
+            "threshold": self.threshold,
+            "ood_score": self.ood_score,
+            "ood": self.ood,
+            "ood_reason": self.ood_reason,
+            "refer_low": self.refer_low,
+            "refer_high": self.refer_high,
+            "error": self.error,
+        }
 
 
-def load_model(path: Path | str) -> LoadedModel:
-    """Load `models/<v>.keras` safely (no compile) and its sidecar; CxrError if either is unusable."""
+def load_model(path: Path | str, with_gate: bool = True) -> LoadedModel:
+    """Load `models/<v>.keras` safely (no compile), its sidecar and, when present and
+    `with_gate`, its OOD gate (`models/<v>.ood.npz`); CxrError if any is unusable."""
     import keras
 
     path = Path(path)
@@ -91,7 +113,14 @@ def load_model(path: Path | str) -> LoadedModel:
     size = meta.image_size
     if shape is not None and tuple(shape[1:]) not in ((size, size, 1), (None, None, 1)):
         raise CxrError(f"{path}: model input {shape[1:]} does not match sidecar image_size {size}; {hint}")
-    return LoadedModel(model=model, meta=meta, path=path)
+    if not with_gate or not gate_path(path).is_file():
+        return LoadedModel(model=model, meta=meta, path=path)
+    gate = Gate.load(gate_path(path))
+    features = penultimate(model)
+    width = int(np.prod(features.outputs[0].shape[1:]))
+    if width != len(gate.features.mean):
+        raise CxrError(f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the model has {width}; rerun `dvc repro ood@{path.stem}`")
+    return LoadedModel(model=model, meta=meta, path=path, gate=gate, features=features)
 
 
 def _forward(model: Any) -> Callable[[Any], Any]:
@@ -149,20 +178,20 @@ def label_of(probability: float, threshold: float) -> str:
     return POSITIVE if probability >= threshold else NEGATIVE
 
 
-def decode(path: Path | str, size: int, resize: str) -> np.ndarray | str:
-    """One file → uint8 (size, size, 1), or a one-line reason why it cannot be used."""
+def decode(path: Path | str, size: int, resize: str) -> tuple[np.ndarray, ImageFacts] | str:
+    """One file → (uint8 (size, size, 1), its ImageFacts), or a one-line reason why it cannot be used."""
     try:
-        return load_resized(path, [size], resize)[size]
+        return load_resized_facts(path, size, resize)
     except ImageError as exc:
         return " ".join(str(exc).split())
     except OSError as exc:  # e.g. a permission error or a folder given as a file
         return f"{path}: {' '.join(str(exc).split())}"
 
 
-def _stack(decoded: list[np.ndarray | str], size: int) -> tuple[np.ndarray, list[str | None]]:
+def _stack(decoded: list[tuple[np.ndarray, ImageFacts] | str], size: int) -> tuple[np.ndarray, list[ImageFacts], list[str | None]]:
     good = [d for d in decoded if not isinstance(d, str)]
-    x = np.stack(good) if good else np.zeros((0, size, size, 1), np.uint8)
-    return x, [d if isinstance(d, str) else None for d in decoded]
+    x = np.stack([pixels for pixels, _ in good]) if good else np.zeros((0, size, size, 1), np.uint8)
+    return x, [facts for _, facts in good], [d if isinstance(d, str) else None for d in decoded]
 
 
 def _workers() -> int:
@@ -170,9 +199,9 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def load_images(paths: list[Path | str], size: int, resize: str) -> tuple[np.ndarray, list[str | None]]:
-    """Decode every file (in parallel threads); returns the good images stacked (in order)
-    and, per path, None or the error."""
+def load_images(paths: list[Path | str], size: int, resize: str) -> tuple[np.ndarray, list[ImageFacts], list[str | None]]:
+    """Decode every file (in parallel threads); returns the good images stacked (in order),
+    their ImageFacts and, per path, None or the error."""
     with ThreadPoolExecutor(_workers()) as pool:
         return _stack(list(pool.map(lambda p: decode(p, size, resize), paths)), size)
 
@@ -189,23 +218,31 @@ def predict_files(
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    size, resize, threshold = loaded.image_size, loaded.resize, loaded.threshold
+    size, resize, threshold, gate = loaded.image_size, loaded.resize, loaded.threshold, loaded.gate
+    band = {"refer_low": gate.refer_low, "refer_high": gate.refer_high} if gate is not None else {}
     chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
     out: list[Prediction] = []
     with ThreadPoolExecutor(_workers()) as pool:
         submit = lambda chunk: [pool.submit(decode, paths[i], size, resize) for i in chunk]  # noqa: E731
         pending = submit(chunks[0]) if chunks else []
         for n, chunk in enumerate(chunks):
-            x, errors = _stack([f.result() for f in pending], size)
+            x, facts, errors = _stack([f.result() for f in pending], size)
             pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
             probs = predict_arrays(loaded.model, x, batch_size)
+            if gate is not None:
+                scores, reasons = gate.reasons(flatten(forward_arrays(loaded.features, x, batch_size)), x, facts)
             good = 0
             for i, err in zip(chunk, errors):
                 if err is not None:
-                    out.append(Prediction(str(paths[i]), None, None, threshold, err))
+                    out.append(Prediction(str(paths[i]), None, None, threshold, err, **band))
                     continue
                 prob = float(probs[good])
-                out.append(Prediction(str(paths[i]), prob, label_of(prob, threshold), threshold))
+                if gate is None:
+                    out.append(Prediction(str(paths[i]), prob, label_of(prob, threshold), threshold))
+                else:
+                    why = reasons[good]
+                    label = gate.label(prob, threshold, why)
+                    out.append(Prediction(str(paths[i]), prob, label, threshold, None, float(scores[good]), why is not None, why, **band))
                 if on_image is not None:
                     on_image(i, x[good])
                 good += 1

@@ -189,6 +189,20 @@ ENSEMBLE_SUFFIX = "_cv"
 
 
 @dataclass(frozen=True)
+class OodParams(_Traced):
+    keep_val: float = 0.99  # the feature threshold keeps at least this share of validation in distribution
+    min_std: float = 6.0  # grey-level std (0..255) at the input size below which an image is near-constant
+    max_colourfulness: float = 12.0  # Hasler-Süsstrunk colourfulness above which a file is a colour photo
+    max_aspect: float = 2.5  # long side / short side above which a file is no chest film
+    family_size: int = 40  # images per synthetic test family (stage ood's metrics)
+
+
+@dataclass(frozen=True)
+class PredictParams(_Traced):
+    refer_coverage: float = 0.9  # share of validation predictions answered outside the UNCERTAIN band
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     fetch: FetchParams
@@ -200,6 +214,8 @@ class Params:
     evaluate: EvaluateParams
     report: ReportParams
     cv: CvParams = field(default_factory=CvParams)
+    ood: OodParams = field(default_factory=OodParams)
+    predict: PredictParams = field(default_factory=PredictParams)
 
     def __getattribute__(self, name: str) -> Any:
         if name == "seed":  # the other fields are sections, whose own fields are traced
@@ -423,6 +439,14 @@ def parse(raw: dict[str, Any]) -> Params:
             "cv.folds",
             f"must list every fold of split.folds = {split.folds}: {list(range(split.folds))}, got {cv.folds!r}",
         )
+    ood = _build(OodParams, "ood", _section(raw, "ood", required=False))
+    _number_in(ood.keep_val, "ood.keep_val", 0, 1, "(]")
+    _number_in(ood.min_std, "ood.min_std", 0, 255, "[]")
+    _number_in(ood.max_colourfulness, "ood.max_colourfulness", 0, 1000, "[]")
+    _number_in(ood.max_aspect, "ood.max_aspect", 1, 1000, "[]")
+    _positive_int(ood.family_size, "ood.family_size")
+    predict = _build(PredictParams, "predict", _section(raw, "predict", required=False))
+    _number_in(predict.refer_coverage, "predict.refer_coverage", 0, 1, "(]")
     for section, obj in (
         ("fetch", fetch),
         ("split", split),
@@ -432,10 +456,12 @@ def parse(raw: dict[str, Any]) -> Params:
         ("evaluate", evaluate),
         ("report", report),
         ("cv", cv),
+        ("ood", ood),
+        ("predict", predict),
         *((f"variants.{n}", v) for n, v in variants.items()),
     ):
         _sectioned(obj, section)
-    return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report, cv)
+    return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report, cv, ood, predict)
 
 
 def load(path: Path | str = PARAMS_FILE) -> Params:

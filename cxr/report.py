@@ -296,6 +296,17 @@ class ReportInputs:
     commit: str
     machine: str
     source: str = ""
+    ood: dict[str, Any] | None = None  # metrics/<best>_ood.json (stage ood@<best>), when present
+
+
+def read_ood(name: str, root: Path = Path(".")) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
+    """What stage ood@<name> measured: metrics/<name>_ood.json and plots/<name>/risk_coverage.csv,
+    or (None, None) when that stage has not run for it."""
+    path, curve = root / "metrics" / f"{name}_ood.json", root / "plots" / name / "risk_coverage.csv"
+    if not path.is_file() or not curve.is_file():
+        return None, None
+    hint = f"rerun `dvc repro ood@{name}`"
+    return _read_json(path, hint), _read_csv(curve, ("coverage", "accuracy", "sensitivity", "specificity"), hint)
 
 
 def higher_on_test(summary: dict[str, Any]) -> str | None:
@@ -353,6 +364,7 @@ def page_context(inp: ReportInputs) -> dict[str, Any]:
         "card": model_card(inp),
         "commit": inp.commit,
         "machine": inp.machine,
+        "ood": inp.ood,
     }
 
 

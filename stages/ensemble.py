@@ -14,23 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from cxr import params as cxr_params
 from cxr.errors import CxrError, run_main
 from cxr.io import write_json
 from cxr.params import ENSEMBLE_SUFFIX
-
-
-def read_oof(paths: list[Path]) -> pd.DataFrame:
-    """The folds' out-of-fold predictions, one row per official-train image."""
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise CxrError(f"{', '.join(missing)} not found; run `dvc repro train_fold` first")
-    oof = pd.concat([pd.read_csv(p, dtype={"path": str}) for p in paths], ignore_index=True)
-    if oof["path"].duplicated().any():
-        raise CxrError("an image is out-of-fold in two folds; rerun `dvc repro split preprocess train_fold`")
-    return oof
 
 
 def main() -> int:
@@ -40,7 +27,7 @@ def main() -> int:
     params = cxr_params.load()
     if name not in params.cv.variants:
         raise CxrError(f"'{name}' is not in params.yaml cv.variants {params.cv.variants}")
-    from cxr.ensemble import build_ensemble, fold_paths
+    from cxr.ensemble import build_ensemble, fold_paths, read_oof
     from cxr.inference import load_model
     from cxr.metrics import binary_metrics
     from cxr.stress import stress_summary

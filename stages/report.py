@@ -28,6 +28,12 @@ def main() -> int:
     with atomic_dir(FIGURES) as tmp:
         figures, notes = cxr_figures.make_figures(results, curves, tmp)
         skipped = cxr_figures.make_gradcam(best, results[best].predictions, params.report.gradcam_per_outcome, tmp / "gradcam_grid.png")
+        ood, curve = report.read_ood(best)
+        if ood is not None:
+            cxr_figures.plot_risk_coverage(best, curve, ood, tmp / "risk_coverage.png")
+            figures[f"Risk-coverage of {best}: accuracy and specificity of the answered test images"] = tmp / "risk_coverage.png"
+        else:
+            notes.append(f"No out-of-distribution results for {best}: run `dvc repro ood@{best}`.")
         if skipped is None:
             figures[f"Grad-CAM of {best}: most confident TP / FP / TN / FN test images"] = tmp / "gradcam_grid.png"
         else:
@@ -45,6 +51,7 @@ def main() -> int:
                 commit=report.git_commit(),
                 machine=report.machine(),
                 source=params.fetch.source,
+                ood=ood,
             )
         )
         with atomic_file(Path("plots/report.html")) as fh:

@@ -97,9 +97,53 @@ def test_table_output_and_explicit_model(project, images, capsys):
     status, out, _ = run(["predict", str(images[0]), "--model", str(project / "models" / "alpha.keras")], capsys)
     assert status == 0
     header, line = out.splitlines()
-    assert header.split() == ["path", "probability", "label", "threshold"]
+    assert header.split() == ["path", "probability", "label", "threshold", "ood_score"]
     prob = float(expected_probs(images[:1], project / "models" / "alpha.keras")[0])
-    assert line.split() == [str(images[0]), f"{prob:.4f}", "PNEUMONIA" if prob >= 0.4 else "NORMAL", "0.4000"]
+    assert line.split() == [str(images[0]), f"{prob:.4f}", "PNEUMONIA" if prob >= 0.4 else "NORMAL", "0.4000", "-"]  # no OOD gate beside alpha
+
+
+def test_gate_beside_the_model_labels_out_of_distribution_and_uncertain(tmp_path, capsys):
+    """With models/<v>.ood.npz beside the model: a black image and a colour photo are
+    OUT_OF_DISTRIBUTION, X-ray-like pictures get a score, and --strict turns OOD into exit 1."""
+    from sklearn.datasets import load_sample_images
+
+    from cxr import ood
+
+    model = probe_model(seed=2)
+    path = save_model(model, tmp_path / "models" / "gamma.keras", sidecar(threshold=0.5, variant="gamma"))
+    features = ood.penultimate(model)
+    train_x = np.stack([cached(xray(i), tmp_path) for i in range(60)])
+    val_x = np.stack([cached(xray(i), tmp_path) for i in range(60, 100)])
+    val_p = predict_arrays(model, val_x)
+    feats = [ood.flatten(predict_features(features, x)) for x in (train_x, val_x)]
+    checks = ood.Checks(min_std=6.0, max_colourfulness=12.0, max_aspect=2.5)
+    gate = ood.fit_gate(feats[0], train_x, feats[1], val_x, val_p, 0.5, 0.99, 0.9, checks)
+    gate.save(ood.gate_path(path))
+    black, photo, good = tmp_path / "black.png", tmp_path / "photo.jpg", tmp_path / "good.png"
+    Image.fromarray(np.zeros((512, 512), np.uint8)).save(black)
+    Image.fromarray(load_sample_images().images[1]).save(photo)
+    Image.fromarray(xray(200)).save(good)
+    status, out, err = run(["predict", str(black), str(photo), str(good), "--model", str(path), "--format", "json"], capsys)
+    rows = json.loads(out)
+    assert status == 0 and "warning: 2 of 3" in err and "no OOD gate" not in err
+    assert [r["label"] for r in rows[:2]] == ["OUT_OF_DISTRIBUTION"] * 2 and [r["ood"] for r in rows] == [True, True, False]
+    assert "near-constant" in rows[0]["ood_reason"] and "colour" in rows[1]["ood_reason"] and rows[2]["ood_reason"] is None
+    assert rows[2]["label"] == gate.label(rows[2]["probability"], 0.5, None) and rows[2]["ood_score"] <= 1
+    assert all(r["probability"] is not None and r["refer_low"] == gate.refer_low for r in rows)
+    status, out, err = run(["predict", str(black), "--model", str(path), "--strict"], capsys)
+    assert status == 1 and "OUT_OF_DISTRIBUTION" in out and "near-constant" in out and "error: 1 of 1" in err
+
+
+def cached(img: np.ndarray, folder: Path) -> np.ndarray:
+    """What preprocess caches for a picture: through a PNG file and load_resized."""
+    Image.fromarray(img).save(folder / "cached.png")
+    return load_resized(folder / "cached.png", [SIZE], "squash")[SIZE]
+
+
+def predict_features(features, x: np.ndarray) -> np.ndarray:
+    from cxr.inference import forward_arrays
+
+    return forward_arrays(features, x)
 
 
 def test_bad_files_are_reported_and_the_rest_predicted(project, images, tmp_path, capsys, monkeypatch):

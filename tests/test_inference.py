@@ -290,4 +290,15 @@ def test_bad_files_fail_alone(tmp_path, loaded):
 
 def test_prediction_as_dict_round_trips_json():
     p = Prediction("x.png", 0.25, "NORMAL", 0.5)
-    assert json.loads(json.dumps(p.as_dict())) == {"path": "x.png", "probability": 0.25, "label": "NORMAL", "threshold": 0.5, "error": None}
+    assert json.loads(json.dumps(p.as_dict())) == {
+        "path": "x.png",
+        "probability": 0.25,
+        "label": "NORMAL",
+        "threshold": 0.5,
+        "ood_score": None,
+        "ood": None,
+        "ood_reason": None,
+        "refer_low": None,
+        "refer_high": None,
+        "error": None,
+    }

@@ -124,4 +124,7 @@ def test_folds_default_and_off(raw):
     del raw["split"]["folds"]
     assert params.parse(raw).split.folds == 5
     raw["split"]["folds"] = 0
+    with pytest.raises(CxrError, match="cv.variants needs folds"):
+        params.parse(raw)  # the k-fold ensembles need folds
+    raw["cv"] = {"variants": [], "folds": []}
     assert params.parse(raw).split.folds == 0

@@ -23,7 +23,9 @@ def test_report_depends_on_every_model(project_root):
     models = [(name, True) for name in params["variants"]] + [(f"{v}_cv", False) for v in params.get("cv", {}).get("variants", [])]
     for name, has_curves in models:
         files = [f"metrics/{name}.json", f"metrics/{name}_stress.json", f"models/{name}.json", f"models/{name}.keras"]
-        files += [f"plots/{name}/roc.csv", f"plots/{name}/predictions.csv"] + ([f"dvclive/{name}/plots/metrics"] if has_curves else [])
+        # its out-of-distribution gate's figures (stage ood@<v>, ood_cv@<v>) and a variant's training curves
+        files += [f"plots/{name}/roc.csv", f"plots/{name}/predictions.csv", f"metrics/{name}_ood.json", f"plots/{name}/risk_coverage.csv"]
+        files += [f"dvclive/{name}/plots/metrics"] if has_curves else []
         for path in files:
             assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
 
