@@ -60,7 +60,8 @@ def test_fold_models_and_their_ensemble(tmp_path):
     assert "ensemble@cnn_baseline: 2 fold models" in done.stdout
     ens = load_model(tmp_path / "models" / "cnn_baseline_cv.keras")  # safe_mode loading, like every model
     assert ens.meta.model == "ensemble" and ens.meta.val.n == 16
-    assert ens.meta.threshold == pytest.approx(choose_threshold(ens.meta.threshold_rule, oof["label"], oof["probability"]))
+    stressed = {shift: oof[f"p_{shift}"] for shift in STRESS_SHIFTS}
+    assert ens.meta.threshold == pytest.approx(choose_threshold(ens.meta.threshold_rule, oof["label"], oof["probability"], stressed))
     x = tiny_split(6, seed=9).x
     members = [keras.saving.load_model(cv / f"fold{k}.keras", safe_mode=True) for k in (0, 1)]
     mean = np.mean([predict_arrays(m, x) for m in members], axis=0)
