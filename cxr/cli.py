@@ -2,6 +2,7 @@
 
     cxr predict IMAGE_OR_FOLDER... [--variant NAME | --model FILE] [--format table|json|csv]
                 [--gradcam DIR] [--batch-size N] [--strict] [--verbose]
+    cxr serve [--variant NAME | --model FILE] [--host 127.0.0.1] [--port 8000] [--max-upload-mb N]
 
 `predict` prints P(pneumonia), the label at the model's validation threshold and the threshold
 for every image (folders are searched recursively; DICOM is read too, see cxr.dicom). With the model's OOD gate beside it
@@ -11,6 +12,9 @@ threshold; the OOD score (> 1: out) and the band are printed too. Exit status: 0
 predicted, 1 some file (or the model) failed, or with --strict some image was out of
 distribution, 2 usage error. Without --model/--variant it uses the best variant named in
 metrics/summary.json of the project (the nearest folder upwards holding dvc.yaml).
+
+`serve` puts the same model and prediction path behind an HTTP service and a page (cxr.serve):
+POST /predict answers exactly what `predict` prints for the uploaded file.
 """
 
 from __future__ import annotations
@@ -49,6 +53,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port 1-65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 1-65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="Pneumonia vs normal in pediatric chest X-rays.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when some image is OUT_OF_DISTRIBUTION")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     p.set_defaults(run=predict_command, subparser=p)
+
+    s = sub.add_parser("serve", help="serve the model over HTTP: POST /predict and a page at /", description=__doc__.split("\n\n")[3])
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--variant", metavar="NAME", help="use models/NAME.keras of the project")
+    which.add_argument("--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--max-upload-mb", metavar="N", type=positive_float, default=64.0, help="refuse uploads over N MiB with 413 (default 64)")
+    s.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    s.set_defaults(run=serve_command, subparser=s)
     return parser
 
 
@@ -208,6 +241,13 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             file=sys.stderr,
         )
     return 1 if failed or (args.strict and outside) else 0
+
+
+def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cxr.serve import serve
+
+    serve(resolve_model(args.variant, args.model, project_root()), args.host, args.port, args.max_upload_mb)
+    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:

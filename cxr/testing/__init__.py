@@ -8,6 +8,7 @@ server is started or a client made.
     cxr.testing.dicomfiles  write_dicom (synthetic DICOM files) and PHI (made-up patient data for the privacy tests)
     cxr.testing.httpserver  LoopbackServer: one payload over HTTP on 127.0.0.1 (ranges, drops, errors)
     cxr.testing.s3server    S3Server: moto's S3 and IAM on 127.0.0.1, in a child process
+    cxr.testing.serveapp    running: an ASGI app (cxr serve's) under uvicorn on 127.0.0.1 in a thread
     cxr.testing.pipeline    sh (run a command as `make repro` does) and build_tiny_pipeline (a
                             throw-away git+DVC copy of the project, reproduced once on a synthetic archive)
 """
