@@ -8,6 +8,7 @@ Benchmarks (NAME), each its own script run as a subprocess, or a reader of the p
   training    reads models/<v>.json (train_seconds, epochs_run) and metrics/summary.json
   repro       bench/bench_repro.py       no-op `dvc repro`; what one variant's param change reruns
   predict     bench/bench_predict.py     `cxr predict` batch throughput, single-image latency, cold start
+  serve       bench/bench_serve.py       `cxr serve` on loopback: 2,000 good and bad uploads at concurrency 16
   quality     reads metrics/summary.json and metrics/<best>.json (test set, validation threshold)
 
 --quick runs the scripts with fewer images and repeats (minutes instead of tens of minutes).
@@ -120,6 +121,26 @@ def rows_predict(r: dict[str, Any]) -> list[Row]:
             "`cxr predict` cold start, 1 image (process start → exit)",
             "(no goal set)",
             f"{r['cold_start_cli_s_median']:.1f} s wall, {r['cold_start_cli_cpu_s_median']:.1f} CPU s",
+            None,
+        ),
+    ]
+
+
+def rows_serve(r: dict[str, Any]) -> list[Row]:
+    model = "UNTRAINED stand-in" if r.get("standin") else r.get("model", "?")
+    lat = r["latency_ms"]["all"]
+    return [
+        row(
+            f"`cxr serve`: {r['requests']} uploads ({r['bad_requests']} bad, {len(r['bad_kinds'])} kinds) at concurrency {r['concurrency']}, loopback ({model}, {r['image_size']} px)",
+            "0 5xx; every bad one its 4xx; answers = `cxr predict`",
+            f"{r['server_errors_5xx']} 5xx, {r['connection_errors']} dropped, {r['wrong_status']} wrong 4xx; "
+            f"{r['good_answers_equal_to_predict']} of {r['good_requests']} equal",
+            r["ok"],
+        ),
+        row(
+            "`cxr serve` latency p50 / p99 under that load; server RSS before → after",
+            "(no goal set)",
+            f"{lat['p50']:.0f} / {lat['p99']:.0f} ms, {r['requests_per_s']:.0f} requests/s; {r['server_rss_mib_before']:.0f} → {r['server_rss_mib_after']:.0f} MiB",
             None,
         ),
     ]
@@ -249,6 +270,7 @@ BENCHES = [
     Bench("training", reader=read_training),
     Bench("repro", "bench_repro.py", ["--run"], ["--quick"], "repro.json", rows_repro),
     Bench("predict", "bench_predict.py", [], ["--images", "64", "--repeats", "10", "--cold-runs", "1"], "predict.json", rows_predict),
+    Bench("serve", "bench_serve.py", [], ["--quick"], "serve.json", rows_serve),
     Bench("quality", reader=read_quality),
 ]
 

@@ -4,7 +4,7 @@
 
 Endpoints: `GET /` (the page: choose or drop an X-ray, see P(pneumonia), the label, the Grad-CAM
 overlay), `POST /predict` (multipart field `file`: an image or DICOM; `?gradcam=true` adds the
-overlay as a base64 PNG), `GET /health`, `GET /version`, `GET /openapi.json` and `GET /docs`.
+overlay as a base64 PNG in `gradcam_png`, or `gradcam_error` saying why there is none), `GET /health`, `GET /version`, `GET /openapi.json` and `GET /docs`.
 
 Every upload goes through `cxr.inference.predict_files` — the decoder and forward pass of
 `cxr predict` — from a private temporary file deleted after the request, so the service's
@@ -115,8 +115,6 @@ class Service:
         """(HTTP status, JSON body) for one upload: 200 with the prediction or a 4xx with `detail`."""
         from cxr.gradcam import overlay
 
-        if gradcam and self.cam is None:
-            return 400, {"detail": f"Grad-CAM is not available for this model ({self.cam_error})"}
         name = safe_name(filename)
         folder = Path(tempfile.mkdtemp(dir=self.workdir))
         try:
@@ -130,16 +128,26 @@ class Service:
             images: dict[int, np.ndarray] = {}  # the decoded pixels, for Grad-CAM without a second decode
             with self.lock:
                 (pred,) = predict_files([path], self.loaded, batch_size=1, on_image=images.__setitem__ if gradcam else None)
-                heat = self.cam(images[0]) if gradcam and pred.ok else None
+                heat, cam_error = self._heatmap(images[0]) if gradcam and pred.ok else (None, None)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         body = pred.as_dict()
         body["path"] = name
         if not pred.ok:
             return 415, {"detail": body["error"].replace(str(folder) + "/", "")}
-        if heat is not None:
-            body["gradcam_png"] = png_base64(overlay(images[0], heat))
+        if gradcam:
+            body["gradcam_png"] = None if heat is None else png_base64(overlay(images[0], heat))
+            body["gradcam_error"] = cam_error
         return 200, {**body, "model": self.info.model, "model_sha256": self.info.model_sha256}
+
+    def _heatmap(self, image: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+        """(Grad-CAM heatmap, None), or (None, why not): the prediction stands without it."""
+        if self.cam is None:
+            return None, f"Grad-CAM is not available for this model ({self.cam_error})"
+        try:
+            return self.cam(image), None
+        except CxrError as exc:  # e.g. an output that does not depend on the feature map
+            return None, str(exc)
 
     def close(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

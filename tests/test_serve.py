@@ -127,10 +127,27 @@ def test_predict_equals_cxr_predict(url, model_path, good_file):
 def test_gradcam_overlay_is_the_cli_overlay(url, model_path, good_file):
     status, answer = post_file(url + "/predict?gradcam=true", good_file.name, good_file.read_bytes())
     assert status == 200, answer
+    assert answer["gradcam_error"] is None
     png = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["gradcam_png"]))))
     loaded, images = load_model(model_path), {}
     predict_files([good_file], loaded, on_image=images.__setitem__)
     np.testing.assert_array_equal(png, overlay(images[0], GradCam(loaded.model)(images[0])))
+
+
+def test_a_model_without_grad_cam_still_answers(tmp_path, good_file):
+    import keras
+
+    inputs = keras.Input((32, 32, 1))
+    dense = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs)))
+    path = save_model(dense, tmp_path / "dense.keras", sidecar())
+    svc = Service(load_model(path), path, LIMIT)
+    try:
+        with open(good_file, "rb") as f:
+            status, answer = svc.predict(f, good_file.name, gradcam=True)
+    finally:
+        svc.close()
+    assert status == 200 and answer["gradcam_png"] is None and "Grad-CAM is not available" in answer["gradcam_error"]
+    assert_same_prediction(answer, expected(good_file, path))
 
 
 def test_different_images_get_different_answers(url, model_path, tmp_path):

@@ -1,0 +1,305 @@
+"""`cxr serve` under load on loopback: good and bad uploads at once, answers checked, latency and memory.
+
+    .venv/bin/python bench/bench_serve.py [MODEL.keras] [--requests 2000] [--concurrency 16] [--quick]
+
+Starts `cxr serve` as a child process on 127.0.0.1 (a free port, --max-upload-mb 8), then sends
+--requests POST /predict from --concurrency threads: the raw_sample originals (75%) mixed with
+bad requests of every kind the service refuses (no file, empty, not an image, truncated JPEG,
+decompression bomb, DICOM without pixels, over the upload limit), in a fixed shuffled order.
+Checks: no 5xx, no connection error, every bad request its 4xx, every good answer equal to
+`predict_files` (what `cxr predict` prints) to 1e-6. Reports p50/p99 latency and the server's
+RSS before and after (and its peak). With Chromium on PATH it also uploads a sample through the
+page and saves bench/results/serve_screenshot.png. Without MODEL it uses the best trained model
+(metrics/summary.json) or an untrained stand-in (build_standin), and says so.
+Writes bench/results/serve.json; exit 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench_predict import STANDIN_SIZE, default_model
+from common import RESULTS, ROOT, machine_info, sample_files, table, write_result
+
+MAX_UPLOAD_MB = 8
+GOOD_FRACTION = 0.75
+
+
+def build_standin(folder: Path) -> tuple[Path, str]:
+    """bench_predict's stand-in (MobileNetV2 α0.35 at 224 px: realistic compute) with ImageNet
+    weights from Keras's cache when they are there (KERAS_HOME=../shared/keras) and a head of
+    fixed random weights, so different X-rays get different probabilities and a Grad-CAM;
+    untrained throughout, the backbone answers 0.5 for every image. Returns (path, weights)."""
+    import keras
+    from keras import layers
+
+    from cxr.sidecar import Sidecar, ValSummary
+
+    keras.utils.set_random_seed(0)
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    weights = "imagenet" if (cache / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_{STANDIN_SIZE}_no_top.h5").is_file() else None
+    backbone = keras.applications.MobileNetV2(input_shape=(STANDIN_SIZE, STANDIN_SIZE, 3), alpha=0.35, include_top=False, weights=weights, pooling="avg")
+    inputs = keras.Input((STANDIN_SIZE, STANDIN_SIZE, 1))
+    x = layers.Rescaling(1.0 / 127.5, offset=-1)(inputs)
+    features = backbone(layers.Concatenate()([x, x, x]))
+    head = layers.Dense(1, activation="sigmoid", name="head")
+    model = keras.Model(inputs, head(features), name="standin")
+    rng = np.random.default_rng(0)
+    head.set_weights([rng.normal(0, 0.1, (features.shape[-1], 1)).astype("float32"), np.zeros(1, "float32")])
+    path = folder / "standin.keras"
+    model.save(path)
+    untrained = ValSummary(roc_auc=float("nan"), accuracy=float("nan"), sensitivity=float("nan"), specificity=float("nan"), n=0)
+    Sidecar(
+        variant="standin",
+        model="transfer_frozen",
+        image_size=STANDIN_SIZE,
+        resize="squash",
+        threshold=0.5,
+        threshold_rule="none (untrained)",
+        val=untrained,
+        epochs_run=0,
+        train_seconds=0.0,
+        seed=0,
+    ).write(path.with_suffix(".json"))
+    return path, weights or "none (random)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    """The process's resident memory now (VmRSS) and its peak so far (VmHWM), MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height (a decompression bomb before inflating)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def bad_uploads(folder: Path, sample: bytes) -> dict[str, tuple[dict[str, Any], int]]:
+    """kind → (post_file kwargs, expected status)."""
+    from cxr.testing.dicomfiles import write_dicom
+
+    sr = write_dicom(folder / "sr.dcm", np.full((64, 64), 128, np.uint8), SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", Modality="SR", PixelData=None)
+    return {
+        "no_file": ({"filename": None, "data": None}, 422),
+        "empty": ({"filename": "empty.jpeg", "data": b""}, 422),
+        "not_an_image": ({"filename": "notes.txt", "data": b"not an x-ray\n" * 100}, 415),
+        "truncated_jpeg": ({"filename": "cut.jpeg", "data": sample[: len(sample) // 2]}, 415),
+        "decompression_bomb": ({"filename": "bomb.png", "data": png_claiming(40_000, 40_000)}, 415),
+        "dicom_without_pixels": ({"filename": "sr.dcm", "data": sr.read_bytes()}, 415),
+        "over_limit": ({"filename": "big.jpeg", "data": sample + b"\0" * (MAX_UPLOAD_MB * 1024 * 1024)}, 413),
+    }
+
+
+def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "cxr.cli", "serve", "--model", str(model), "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB)]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"cxr serve did not start; see {log}") from None
+            time.sleep(0.5)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 1) if values else float("nan")
+
+
+def screenshot(url: str, image: Path, want: dict[str, Any]) -> dict[str, Any]:
+    """Upload `image` through the page in headless Chromium; save the screenshot."""
+    from cxr.testing.serveapp import chromium_paths, headless_chromium, upload_in_page
+
+    if chromium_paths() is None:
+        return {"taken": False, "why": "chromium/chromedriver not on PATH"}
+    target = RESULTS / "serve_screenshot.png"
+    with headless_chromium() as driver:
+        page = upload_in_page(driver, url, image)
+        driver.save_screenshot(str(target))
+    same = page["probability"] == f"{want['probability']:.4f}" and page["label"] == want["label"]
+    return {"taken": True, "path": str(target.relative_to(ROOT)), "page_probability": page["probability"], "page_label": page["label"], "equals_predict": same}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", type=Path, help="a .keras file with its sidecar (default: the best trained model, else a stand-in)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="300 requests")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests = 300
+    from cxr.inference import load_model, predict_files
+    from cxr.serve import sha256_file
+    from cxr.testing.serveapp import post_file
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
+    folder = Path(tmp.name)
+    model, standin, weights = args.model or default_model(), False, None
+    if model is None:
+        (model, weights), standin = build_standin(folder), True
+    samples = sample_files()
+    loaded = load_model(model)
+    want = {p.name: pred.as_dict() for p, pred in zip(samples, predict_files(samples, loaded))}
+    distinct = len({round(w["probability"], 6) for w in want.values()})
+    good = {p.name: p.read_bytes() for p in samples}
+    bad = bad_uploads(folder, good[samples[0].name])
+
+    rng = random.Random(0)
+    n_good = round(GOOD_FRACTION * args.requests)
+    jobs = [("good", name) for name in (list(good) * args.requests)[:n_good]]
+    jobs += [("bad", kind) for kind in (list(bad) * args.requests)[: args.requests - n_good]]
+    rng.shuffle(jobs)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = folder / "serve.log"
+    started = time.monotonic()
+    proc = start_server(model, port, log)
+    startup_s = time.monotonic() - started
+    try:
+        memory_before, cpu_before = rss_mib(proc.pid), cpu_seconds(proc.pid)
+
+        def one(job: tuple[str, str]) -> dict[str, Any]:
+            what, key = job
+            kwargs, status = ({"filename": key, "data": good[key]}, 200) if what == "good" else bad[key]
+            t0 = time.perf_counter()
+            try:
+                got, body = post_file(url + "/predict", **kwargs, timeout=300)
+            except Exception as exc:  # a dropped connection or a non-JSON answer is a failure to report, not to stop on
+                return {"what": what, "key": key, "status": None, "error": type(exc).__name__, "ms": 1000 * (time.perf_counter() - t0)}
+            ms = 1000 * (time.perf_counter() - t0)
+            row = {"what": what, "key": key, "status": got, "expected": status, "ms": ms}
+            if what == "good" and got == 200:
+                w = want[key]
+                row["equal"] = abs(body["probability"] - w["probability"]) <= 1e-6 and all(
+                    body[k] == w[k] for k in ("label", "threshold", "ood_score", "ood", "ood_reason", "refer_low", "refer_high")
+                )
+            return row
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(args.concurrency) as pool:
+            rows = list(pool.map(one, jobs))
+        wall = time.perf_counter() - t0
+        memory_after, cpu_after = rss_mib(proc.pid), cpu_seconds(proc.pid)
+        shot = screenshot(url, samples[0], want[samples[0].name])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+    statuses = Counter(str(r["status"]) for r in rows)
+    server_errors = sum(1 for r in rows if r["status"] is not None and r["status"] >= 500)
+    connection_errors = sum(1 for r in rows if r["status"] is None)
+    wrong_status = [r for r in rows if r["status"] is not None and r["status"] != r["expected"]]
+    goods = [r for r in rows if r["what"] == "good" and r["status"] == 200]
+    mismatches = sum(1 for r in goods if not r["equal"])
+    ms_all, ms_good, ms_bad = [r["ms"] for r in rows], [r["ms"] for r in goods], [r["ms"] for r in rows if r["what"] == "bad"]
+    ok = server_errors == 0 and connection_errors == 0 and not wrong_status and mismatches == 0 and len(goods) == n_good
+    result = {
+        "requests": len(rows),
+        "concurrency": args.concurrency,
+        "good_requests": n_good,
+        "bad_requests": len(rows) - n_good,
+        "bad_kinds": {k: {"expected_status": s, "count": sum(1 for r in rows if r["what"] == "bad" and r["key"] == k)} for k, (_, s) in bad.items()},
+        "statuses": dict(sorted(statuses.items())),
+        "server_errors_5xx": server_errors,
+        "connection_errors": connection_errors,
+        "wrong_status": len(wrong_status),
+        "good_answers_equal_to_predict": len(goods) - mismatches,
+        "good_answers_different": mismatches,
+        "distinct_probabilities_among_samples": f"{distinct} of {len(want)}",
+        "latency_ms": {
+            "all": {"p50": percentile(ms_all, 50), "p99": percentile(ms_all, 99)},
+            "good": {"p50": percentile(ms_good, 50), "p99": percentile(ms_good, 99)},
+            "bad": {"p50": percentile(ms_bad, 50), "p99": percentile(ms_bad, 99)},
+        },
+        "seconds": round(wall, 1),
+        "requests_per_s": round(len(rows) / wall, 1),
+        "server_rss_mib_before": memory_before["VmRSS"],
+        "server_rss_mib_after": memory_after["VmRSS"],
+        "server_rss_mib_peak": memory_after["VmHWM"],
+        "server_cpu_s": round(cpu_after - cpu_before, 1),
+        "server_startup_s": round(startup_s, 1),
+        "max_upload_mb": MAX_UPLOAD_MB,
+        "model": model.name if not standin else "standin.keras",
+        "model_sha256": sha256_file(model),
+        "standin": standin,
+        "standin_backbone_weights": weights,
+        "image_size": loaded.image_size,
+        "ood_gate": loaded.gate is not None,
+        "screenshot": shot,
+        "ok": ok and shot.get("equals_predict", True),
+    }
+    tmp.cleanup()
+    path = write_result("serve", result, machine_info())
+    lat = result["latency_ms"]
+    print(
+        table(
+            ["figure", "value"],
+            [
+                ("requests (good / bad), concurrency", f"{len(rows)} ({n_good} / {len(rows) - n_good}), {args.concurrency}"),
+                ("statuses", ", ".join(f"{k}: {v}" for k, v in result["statuses"].items())),
+                ("5xx / connection errors / wrong 4xx", f"{server_errors} / {connection_errors} / {len(wrong_status)}"),
+                ("good answers equal to predict_files", f"{len(goods) - mismatches} of {n_good} ({distinct} distinct probabilities over {len(want)} files)"),
+                ("latency p50 / p99, all (ms)", f"{lat['all']['p50']} / {lat['all']['p99']}"),
+                ("latency p50 / p99, good (ms)", f"{lat['good']['p50']} / {lat['good']['p99']}"),
+                ("latency p50 / p99, bad (ms)", f"{lat['bad']['p50']} / {lat['bad']['p99']}"),
+                ("throughput", f"{result['requests_per_s']} requests/s ({wall:.1f} s)"),
+                ("server RSS before → after (peak), MiB", f"{memory_before['VmRSS']} → {memory_after['VmRSS']} ({memory_after['VmHWM']})"),
+                ("model", f"{result['model']}{' (UNTRAINED stand-in)' if standin else ''}, {loaded.image_size} px"),
+                ("screenshot", shot.get("path") or shot.get("why")),
+            ],
+        )
+    )
+    print(f"wrote {path.relative_to(ROOT)}")
+    if not result["ok"]:
+        print("error: a check failed (see serve.json)", file=sys.stderr)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
