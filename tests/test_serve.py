@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -197,6 +198,17 @@ def test_bad_requests_get_a_clear_4xx_and_the_service_keeps_serving(url, model_p
     assert status == 200
     assert_same_prediction(answer, expected(good_file, model_path))
     assert list(service.workdir.iterdir()) == []  # every upload deleted
+
+
+def test_a_chunked_body_over_the_limit_gets_413(url):
+    """No Content-Length to check: the middleware counts the body as it arrives."""
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="c.jpeg"\r\n\r\n'
+    chunks = [head] + [b"\0" * 100_000] * 30 + [b"\r\n--b--\r\n"]
+    request = urllib.request.Request(url + "/predict", data=iter(chunks), method="POST", headers={"Content-Type": "multipart/form-data; boundary=b"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 413 and json.loads(info.value.read())["detail"].startswith("request body over the upload limit")  # the middleware, not the copy
+    assert_serving(url)
 
 
 def test_dicom_answers_carry_no_patient_data(url, model_path, tmp_path, caplog):
