@@ -108,7 +108,7 @@ def test_a_teammate_gets_a_registered_model_from_the_remote_without_a_clone(tiny
     for artifact in trio:
         sh(pusher, GTO, "register", artifact, "--version", VERSION)
     hub = tmp_path / "hub.git"  # stands for GitHub: a bare repository, no DVC cache anywhere near it
-    sh(tmp_path, "git", "init", "-q", "--bare", str(hub))
+    sh(tmp_path, "git", "init", "-q", "--bare", "-b", "main", str(hub))
     sh(pusher, "git", "push", "-q", str(hub), "main", "--tags")
 
     teammate = tmp_path / "teammate"
@@ -127,7 +127,7 @@ def test_a_teammate_gets_a_registered_model_from_the_remote_without_a_clone(tiny
     assert sorted(p.name for p in teammate.iterdir()) == sorted([*trio.values(), "latest.keras"])  # nothing else came
 
     image = tmp_path / "xray.png"
-    make_xray("PNEUMONIA", seed=7, size=(96, 80)).save(image)
+    make_xray("PNEUMONIA", seed=7).save(image)
     fetched, note = predict_json(teammate, teammate / trio[name], image)
     in_project, _ = predict_json(origin, origin / "models" / trio[name], image)
     assert "no OOD gate" not in note, note  # the gate beside the fetched model is read
