@@ -83,7 +83,7 @@ def test_sidecar_matches_the_saved_model_and_dvclive_files(params, splits, tmp_p
     result = train_variant(variant, params, *splits, live_dir=tmp_path / "live", verbose=0)
     meta = result.meta.to_dict()
     assert list(meta) == SIDECAR_KEYS
-    assert meta["variant"] == "transfer_features" and meta["image_size"] == SIZE and meta["threshold_rule"] == "youden"
+    assert meta["variant"] == "transfer_features" and meta["image_size"] == SIZE and meta["threshold_rule"] == params.train.threshold_rule
     assert meta["resize"] == params.preprocess.resize and meta["seed"] == params.seed
     assert meta["params"]["transfer"]["backbone"] == "mobilenet_v2" and meta["params"]["epochs"] == 2
     assert 1 <= meta["epochs_run"] <= 2 and meta["epochs_run"] == len(result.history["loss"])
