@@ -57,7 +57,7 @@ def main() -> int:
         with atomic_file(Path("plots/report.html")) as fh:
             fh.write(page)
         write_json(Path("metrics/summary.json"), summary)
-    print(f"report: best = {best} (validation roc_auc {summary['variants'][best]['val_roc_auc']:.4f}); plots/report.html")
+    print(f"report: best = {best} by {summary['selected_by']} ({summary['variants'][best][summary['select_by']]:.4f}); plots/report.html")
     return 0
 
 
