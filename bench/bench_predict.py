@@ -26,13 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from common import ROOT, children_cpu, sample_files, timed, write_result
+from common import ROOT, STANDIN_SIZE, build_standin, children_cpu, sample_files, timed, write_result
 from cxr.errors import run_main
 from cxr.inference import decode, load_images, load_model, predict_arrays, predict_files
-from cxr.sidecar import Sidecar, ValSummary
 
 GOAL_BATCH_IPS, GOAL_SINGLE_MS = 100.0, 50.0
-STANDIN_SIZE = 224
 
 
 def default_model() -> Path | None:
@@ -42,35 +40,6 @@ def default_model() -> Path | None:
     best = json.loads(summary.read_text()).get("best")
     path = ROOT / "models" / f"{best}.keras"
     return path if best and path.is_file() else None
-
-
-def build_standin(folder: Path) -> Path:
-    """Untrained MobileNetV2 α0.35 with the transfer variants' head, saved with a sidecar."""
-    import keras
-    from keras import layers
-
-    keras.utils.set_random_seed(0)
-    backbone = keras.applications.MobileNetV2(input_shape=(STANDIN_SIZE, STANDIN_SIZE, 3), alpha=0.35, include_top=False, weights=None, pooling="avg")
-    inputs = keras.Input((STANDIN_SIZE, STANDIN_SIZE, 1))
-    x = layers.Rescaling(1.0 / 127.5, offset=-1)(inputs)
-    x = backbone(layers.Concatenate()([x, x, x]))
-    model = keras.Model(inputs, layers.Dense(1, activation="sigmoid")(layers.Dropout(0.2)(x)), name="standin")
-    path = folder / "standin.keras"
-    model.save(path)
-    untrained = ValSummary(roc_auc=float("nan"), accuracy=float("nan"), sensitivity=float("nan"), specificity=float("nan"), n=0)
-    Sidecar(
-        variant="standin",
-        model="transfer_frozen",
-        image_size=STANDIN_SIZE,
-        resize="squash",
-        threshold=0.5,
-        threshold_rule="none (untrained)",
-        val=untrained,
-        epochs_run=0,
-        train_seconds=0.0,
-        seed=0,
-    ).write(path.with_suffix(".json"))
-    return path
 
 
 def median_ms(fn: Any, repeats: int) -> float:
@@ -118,7 +87,7 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="bench_predict_")
     model_path, standin = args.model or default_model(), False
     if model_path is None:
-        model_path, standin = build_standin(Path(tmp.name)), True
+        (model_path, _), standin = build_standin(Path(tmp.name)), True
         print(f"no trained model (metrics/summary.json): using an UNTRAINED MobileNetV2 α0.35 {STANDIN_SIZE}px stand-in")
 
     load_s, loaded = timed(lambda: load_model(model_path))

@@ -133,3 +133,47 @@ def write_result(name: str, data: dict[str, Any], machine: dict[str, Any] | None
     path = RESULTS / f"{name}.json"
     write_json(path, {**data, "machine": machine or machine_info()})
     return path
+
+
+STANDIN_SIZE = 224
+
+
+def build_standin(folder: Path) -> tuple[Path, str]:
+    """The benchmarks' stand-in model when no trained one exists (MobileNetV2 α0.35 at 224 px:
+    realistic compute), with ImageNet
+    weights from Keras's cache when they are there (KERAS_HOME=../shared/keras) and a head of
+    fixed random weights, so different X-rays get different probabilities and a Grad-CAM;
+    untrained throughout, the backbone answers 0.5 for every image. Returns (path, weights)."""
+    import keras
+    import numpy as np
+    from keras import layers
+
+    from cxr.sidecar import Sidecar, ValSummary
+
+    keras.utils.set_random_seed(0)
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    weights = "imagenet" if (cache / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_{STANDIN_SIZE}_no_top.h5").is_file() else None
+    backbone = keras.applications.MobileNetV2(input_shape=(STANDIN_SIZE, STANDIN_SIZE, 3), alpha=0.35, include_top=False, weights=weights, pooling="avg")
+    inputs = keras.Input((STANDIN_SIZE, STANDIN_SIZE, 1))
+    x = layers.Rescaling(1.0 / 127.5, offset=-1)(inputs)
+    features = backbone(layers.Concatenate()([x, x, x]))
+    head = layers.Dense(1, activation="sigmoid", name="head")
+    model = keras.Model(inputs, head(features), name="standin")
+    rng = np.random.default_rng(0)
+    head.set_weights([rng.normal(0, 0.1, (features.shape[-1], 1)).astype("float32"), np.zeros(1, "float32")])
+    path = folder / "standin.keras"
+    model.save(path)
+    untrained = ValSummary(roc_auc=float("nan"), accuracy=float("nan"), sensitivity=float("nan"), specificity=float("nan"), n=0)
+    Sidecar(
+        variant="standin",
+        model="transfer_frozen",
+        image_size=STANDIN_SIZE,
+        resize="squash",
+        threshold=0.5,
+        threshold_rule="none (untrained)",
+        val=untrained,
+        epochs_run=0,
+        train_seconds=0.0,
+        seed=0,
+    ).write(path.with_suffix(".json"))
+    return path, weights or "none (random)"
