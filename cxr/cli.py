@@ -232,14 +232,15 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     sys.stdout.write(FORMATTERS[args.format](rows))
     sys.stdout.flush()
     failed = sum(r["error"] is not None for r in rows)
-    if failed:
-        print(f"error: {failed} of {len(rows)} file(s) could not be predicted (see the error column)", file=sys.stderr)
     outside = sum(bool(r.get("ood")) for r in rows)
+    # the OOD note first: a failure's one `error:` line is always the last line
     if outside:
         print(
-            f"{'error' if args.strict else 'warning'}: {outside} of {len(rows)} image(s) are not pediatric frontal chest X-rays (OUT_OF_DISTRIBUTION)",
+            f"{'error' if args.strict and not failed else 'warning'}: {outside} of {len(rows)} image(s) are not pediatric frontal chest X-rays (OUT_OF_DISTRIBUTION)",
             file=sys.stderr,
         )
+    if failed:
+        print(f"error: {failed} of {len(rows)} file(s) could not be predicted (see the error column)", file=sys.stderr)
     return 1 if failed or (args.strict and outside) else 0
 
 

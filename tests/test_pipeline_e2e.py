@@ -35,7 +35,7 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_pipeline):
         assert 0 <= metrics["roc_auc"] <= 1 and metrics["n_test"] == 20
         assert (work / f"models/{v}.keras").exists()
     summary = json.loads((work / "metrics/summary.json").read_text())
-    assert summary["best"] in set(summary["variants"]) and summary["selected_by"] == "validation roc_auc"
+    assert summary["best"] in set(summary["variants"]) and summary["select_by"] == params["report"]["select_by"]
     assert set(summary["variants"]) == set(variants) | {f"{v}_cv" for v in cv["variants"]}
     assert (work / "plots/report.html").exists()
 
