@@ -11,7 +11,6 @@ chose it was seen by the model that scored it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,23 +24,6 @@ from cxr.sidecar import Sidecar, ValSummary
 if TYPE_CHECKING:
     from cxr.inference import LoadedModel
     from cxr.training import TrainResult
-
-
-def fold_paths(name: str, fold: int, root: Path = Path(".")) -> tuple[Path, Path, Path]:
-    """models/cv/<v>/fold<k>.keras, its sidecar and its out-of-fold probabilities (.oof.csv)."""
-    base = root / "models" / "cv" / name / f"fold{fold}"
-    return base.with_suffix(".keras"), base.with_suffix(".json"), base.with_suffix(".oof.csv")
-
-
-def read_oof(paths: list[Path]) -> pd.DataFrame:
-    """The folds' out-of-fold predictions, one row per official-train image."""
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        raise CxrError(f"{', '.join(missing)} not found; run `dvc repro train_fold` first")
-    oof = pd.concat([pd.read_csv(p, dtype={"path": str}) for p in paths], ignore_index=True)
-    if oof["path"].duplicated().any():
-        raise CxrError("an image is out-of-fold in two folds; rerun `dvc repro split preprocess train_fold`")
-    return oof
 
 
 def average_model(name: str, models: list[Any]) -> Any:

@@ -130,7 +130,7 @@ def shifted(x: np.ndarray, name: str, seed: int) -> np.ndarray:
 
 def stress_probabilities(model: Any, x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """P(pneumonia) of every image under each shift (through THE forward pass)."""
-    from cxr.inference import predict_arrays
+    from cxr.forward import predict_arrays
 
     return {name: predict_arrays(model, shifted(x, name, seed)) for name in SHIFTS}
 

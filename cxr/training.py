@@ -25,7 +25,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from cxr.cache import CachedSplit
 from cxr.distribute import configure_precision, get_strategy, global_batch_size, shard_by_data
 from cxr.errors import CxrError
-from cxr.inference import forward_arrays, predict_arrays
+from cxr.forward import forward_arrays, predict_arrays
 from cxr.io import atomic_path
 from cxr.metrics import binary_metrics, choose_threshold
 from cxr.models import backbone_features, build_model, compile_model, compose, feature_head

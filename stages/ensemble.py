@@ -27,7 +27,8 @@ def main() -> int:
     params = cxr_params.load()
     if name not in params.cv.variants:
         raise CxrError(f"'{name}' is not in params.yaml cv.variants {params.cv.variants}")
-    from cxr.ensemble import build_ensemble, fold_paths, read_oof
+    from cxr.ensemble import build_ensemble
+    from cxr.folds import fold_paths, read_oof
     from cxr.inference import load_model
     from cxr.metrics import binary_metrics
     from cxr.stress import stress_summary

@@ -25,8 +25,8 @@ import pandas as pd
 
 from cxr import params as cxr_params
 from cxr.cache import cache_dir, fold_split, load_split, official_train
-from cxr.ensemble import fold_paths
 from cxr.errors import CxrError, run_main
+from cxr.folds import fold_paths
 from cxr.io import atomic_dir, atomic_file, write_json
 
 
