@@ -3,13 +3,20 @@
     python stages/ood.py VARIANT     # (dvc repro ood@VARIANT) fits both → models/VARIANT.ood.npz
 
 A prediction is OUT_OF_DISTRIBUTION when the file fails a cheap image-level check (near-constant
-pixels, a colour photo, an aspect ratio no chest film has) or when its feature score is above a
-threshold that keeps `ood.keep_val` of the validation X-rays in distribution. The feature score
-is the larger of two Mahalanobis distances (Lee et al. 2018), each fitted on the TRAINING images
-only with a Ledoit-Wolf shrunk covariance and divided by its median on validation:
-- on the model's penultimate features (the input of its last Dense unit): what the classifier sees;
-- on a 16×16 thumbnail of the input pixels: the layout of a frontal chest film, which a rotated,
-  inverted or cropped X-ray lacks even where the classifier's features are unmoved by it.
+pixels, a colour photo, an aspect ratio no chest film has) or when its OOD score is above a
+threshold that keeps `ood.keep_val` of the validation X-rays in distribution. Three detectors,
+each fitted on the TRAINING images only, make the score:
+- a Mahalanobis distance (Lee et al. 2018, Ledoit-Wolf shrunk covariance) on the model's
+  penultimate features (the input of its last Dense unit): what the classifier sees;
+- a Mahalanobis distance on a 16×16 thumbnail of the input pixels: the layout of a chest film;
+- a view check: a logistic regression on the same thumbnails, trained to tell the training
+  X-rays from copies of them rotated (90°, 180°, 270°), flipped upside down, inverted in grey
+  level or cropped to a corner (self-supervised, as in Hendrycks et al. 2019's rotation-prediction
+  OOD detector). The Mahalanobis distances missed half of the upside-down, inverted and cropped
+  X-rays: their thumbnails stay close to the mean film in distance while their layout is wrong.
+Each detector's score is divided by its own validation quantile at 1 − (1 − keep_val)/3 (so
+their false flags add up to at most 1 − keep_val) and the OOD score is the largest of the three,
+thresholded at its `keep_val` quantile on validation.
 An answer whose probability lies strictly inside the refer band (`refer_low`, `refer_high`)
 around the threshold is UNCERTAIN (refer to a radiologist); the band is the narrowest one, in
 logit distance from the threshold, that leaves `predict.refer_coverage` of the validation
@@ -32,7 +39,9 @@ from cxr.errors import CxrError
 from cxr.images import ImageFacts
 from cxr.io import atomic_file
 
-THUMB_SIDE = 16  # pixel detector: the input image box-averaged to 16×16 (256 values)
+THUMB_SIDE = 16  # pixel detectors: the input image box-averaged to 16×16 (256 values)
+DETECTORS = ("features", "layout", "view")  # the OOD score's parts, in Gate.parts order
+_CLIP = 50.0  # the view check's logit margin is clipped before exp (no overflow)
 _EPS = 1e-12  # probabilities are clipped to [eps, 1 − eps] before the logit
 
 
@@ -70,6 +79,56 @@ def thumbnails(x: np.ndarray) -> np.ndarray:
     """uint8 images (N, S, S, 1) → their THUMB_SIDE² box averages in [0, 1], (N, THUMB_SIDE²)."""
     out = [np.asarray(Image.fromarray(img[:, :, 0]).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), np.float64).ravel() for img in x]
     return np.stack(out) / 255.0 if out else np.zeros((0, THUMB_SIDE * THUMB_SIDE))
+
+
+def view_negatives(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One wrongly presented copy of each uint8 image (N, S, S, 1): rotated 90°/180°/270°,
+    flipped upside down, inverted (also upside down), or a corner of 15-50% of the side scaled
+    back to S. Horizontal flips are not among them: a mirrored film is still a chest film."""
+    side = x.shape[1] if len(x) else 0
+    out = []
+    for img, kind in zip(x[:, :, :, 0], rng.integers(0, 7, len(x))):
+        if kind < 3:
+            out.append(np.rot90(img, kind + 1))
+        elif kind == 3:
+            out.append(img[::-1])
+        elif kind == 4:
+            out.append(255 - img)
+        elif kind == 5:
+            out.append(255 - img[::-1])
+        else:
+            crop = max(2, int(side * rng.uniform(0.15, 0.5)))
+            corner = int(rng.integers(4))
+            top, left = (0 if corner < 2 else side - crop), (0 if corner % 2 == 0 else side - crop)
+            patch = Image.fromarray(np.ascontiguousarray(img[top : top + crop, left : left + crop]))
+            out.append(np.asarray(patch.resize((side, side), Image.Resampling.BILINEAR)))
+    return np.stack(out)[..., None] if out else np.zeros_like(x)
+
+
+@dataclass(frozen=True)
+class ViewCheck:
+    """Logistic regression on standardised thumbnails: the logit that an image is a rotated,
+    flipped, inverted or cropped chest film rather than an upright, whole one."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, rng: np.random.Generator) -> ViewCheck:
+        from sklearn.linear_model import LogisticRegression
+
+        if len(x) < 2:
+            raise ValueError(f"need at least 2 images to fit the view check, got {len(x)}")
+        t = np.r_[thumbnails(x), thumbnails(view_negatives(x, rng))]
+        y = np.r_[np.zeros(len(x)), np.ones(len(x))]
+        mean, scale = t.mean(axis=0), t.std(axis=0) + 1e-6
+        clf = LogisticRegression(C=1.0, max_iter=5000).fit((t - mean) / scale, y)
+        return cls(mean, scale, clf.coef_[0].astype(np.float64), float(clf.intercept_[0]))
+
+    def logit(self, thumbs: np.ndarray) -> np.ndarray:
+        return ((np.asarray(thumbs, np.float64) - self.mean) / self.scale) @ self.coef + self.intercept
 
 
 @dataclass(frozen=True)
@@ -187,17 +246,25 @@ class Gate:
 
     features: Mahalanobis
     pixels: Mahalanobis
-    feature_scale: float  # median validation distance of each detector
+    view: ViewCheck
+    feature_scale: float  # each detector's validation quantile at 1 − (1 − keep_val)/3
     pixel_scale: float
+    view_scale: float  # (a logit)
     threshold: float  # on the combined score; keeps ≥ keep_val of validation in distribution
     checks: Checks
     refer_low: float
     refer_high: float
     meta: dict[str, Any]  # keep_val, refer_coverage, validation figures: for the reader
 
+    def parts(self, features: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """(N, 3): each detector's score over its validation quantile (DETECTORS order)."""
+        thumbs = thumbnails(x)
+        view = np.exp(np.clip(self.view.logit(thumbs) - self.view_scale, -_CLIP, _CLIP))
+        return np.stack([self.features.distance(features) / self.feature_scale, self.pixels.distance(thumbs) / self.pixel_scale, view], axis=1)
+
     def raw_scores(self, features: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """max(feature distance / its validation median, pixel distance / its validation median)."""
-        return np.maximum(self.features.distance(features) / self.feature_scale, self.pixels.distance(thumbnails(x)) / self.pixel_scale)
+        """The largest of the three scaled detector scores."""
+        return self.parts(features, x).max(axis=1)
 
     def scores(self, features: np.ndarray, x: np.ndarray) -> np.ndarray:
         """The OOD score of each input: > 1 is out of distribution (1 = the threshold)."""
@@ -205,11 +272,19 @@ class Gate:
 
     def reasons(self, features: np.ndarray, x: np.ndarray, facts: list[ImageFacts | None]) -> tuple[np.ndarray, list[str | None]]:
         """Scores and, per input, why it is out of distribution (image check first) or None."""
-        s = self.scores(features, x)
+        parts = self.parts(features, x)
+        s = parts.max(axis=1) / self.threshold
+        why_part = {
+            "features": "unlike the training X-rays to the model",
+            "layout": "unlike the training X-rays in layout",
+            "view": "not an upright, whole chest film (rotated, flipped, inverted or cropped?)",
+        }
         out = []
-        for score, pixels, fact in zip(s, x, facts):
+        for score, row, pixels, fact in zip(s, parts, x, facts):
             why = image_check(pixels, fact, self.checks)
-            out.append(why if why is not None else (f"unlike the training X-rays (OOD score {score:.2f} > 1)" if score > 1 else None))
+            if why is None and score > 1:
+                why = f"{why_part[DETECTORS[int(np.argmax(row))]]} (OOD score {score:.2f} > 1)"
+            out.append(why)
         return s, out
 
     def label(self, probability: float, threshold: float, ood_reason: str | None) -> str:
@@ -224,6 +299,8 @@ class Gate:
         header = {
             "feature_scale": self.feature_scale,
             "pixel_scale": self.pixel_scale,
+            "view_scale": self.view_scale,
+            "view_intercept": self.view.intercept,
             "threshold": self.threshold,
             "checks": asdict(self.checks),
             "refer_low": self.refer_low,
@@ -235,6 +312,9 @@ class Gate:
             "feature_precision": self.features.precision.astype(np.float32),
             "pixel_mean": self.pixels.mean,
             "pixel_precision": self.pixels.precision,
+            "view_mean": self.view.mean,
+            "view_scale": self.view.scale,
+            "view_coef": self.view.coef,
             "header": np.array(json.dumps(header)),
         }
         with atomic_file(Path(path), "wb") as fh:
@@ -249,8 +329,10 @@ class Gate:
                 return cls(
                     features=Mahalanobis(npz["feature_mean"].astype(np.float64), npz["feature_precision"].astype(np.float64)),
                     pixels=Mahalanobis(npz["pixel_mean"], npz["pixel_precision"]),
+                    view=ViewCheck(npz["view_mean"], npz["view_scale"], npz["view_coef"], float(h["view_intercept"])),
                     feature_scale=float(h["feature_scale"]),
                     pixel_scale=float(h["pixel_scale"]),
+                    view_scale=float(h["view_scale"]),
                     threshold=float(h["threshold"]),
                     checks=Checks(**h["checks"]),
                     refer_low=float(h["refer_low"]),
@@ -271,24 +353,31 @@ def fit_gate(
     keep_val: float,
     refer_coverage: float,
     checks: Checks,
+    seed: int = 0,
 ) -> Gate:
-    """Fit both detectors on the training images, scale and threshold them on validation (the
-    score threshold is the `keep_val` quantile, so ≥ keep_val of validation is in), and set the
-    refer band on the validation probabilities `val_p`."""
+    """Fit the three detectors on the training images, scale each by its validation quantile at
+    1 − (1 − keep_val)/3, threshold their maximum at its `keep_val` quantile (so ≥ keep_val of
+    validation is in), and set the refer band on the validation probabilities `val_p`. `seed`
+    draws the view check's transformed training copies."""
     if not 0 < keep_val <= 1:
         raise ValueError(f"keep_val must be in (0, 1], got {keep_val}")
     if len(val_x) == 0:
         raise CxrError("the validation split is empty, so the OOD threshold cannot be set; rerun `dvc repro split preprocess`")
     features, pixels = Mahalanobis.fit(train_features), Mahalanobis.fit(thumbnails(train_x))
-    feature_scale = float(np.median(features.distance(val_features))) or 1.0
-    pixel_scale = float(np.median(pixels.distance(thumbnails(val_x)))) or 1.0
+    view = ViewCheck.fit(train_x, np.random.default_rng(seed))
+    val_thumbs = thumbnails(val_x)
+    level = 1 - (1 - keep_val) / len(DETECTORS)
+    q = lambda v: float(np.quantile(v, level))  # noqa: E731  (interpolated: no score ties at exactly 1)
+    feature_scale = q(features.distance(val_features)) or 1.0
+    pixel_scale = q(pixels.distance(val_thumbs)) or 1.0
+    view_scale = q(view.logit(val_thumbs))
     low, high = refer_band(val_p, threshold, refer_coverage)
-    gate = Gate(features, pixels, feature_scale, pixel_scale, 1.0, checks, low, high, {})
+    gate = Gate(features, pixels, view, feature_scale, pixel_scale, view_scale, 1.0, checks, low, high, {})
     raw = gate.raw_scores(val_features, val_x)
     cut = float(np.quantile(raw, keep_val, method="higher"))
     val_answered = float(answered(val_p, low, high).mean())
     meta = {"keep_val": keep_val, "refer_coverage": refer_coverage, "val_in_distribution": float(np.mean(raw <= cut)), "val_coverage": val_answered}
-    return Gate(features, pixels, feature_scale, pixel_scale, cut, checks, low, high, meta)
+    return Gate(features, pixels, view, feature_scale, pixel_scale, view_scale, cut, checks, low, high, meta)
 
 
 def penultimate(model: Any) -> Any:

@@ -26,9 +26,10 @@ from cxr import ood
 from cxr import params as cxr_params
 from cxr.cache import cache_dir, load_split
 from cxr.constants import UNCERTAIN
-from cxr.ensemble import fold_paths, read_oof
 from cxr.errors import CxrError, run_main
-from cxr.inference import forward_arrays, load_model, predict_arrays, predict_files
+from cxr.folds import fold_paths, read_oof
+from cxr.forward import forward_arrays, predict_arrays
+from cxr.inference import load_model, predict_files
 from cxr.io import atomic_file, write_json
 from cxr.params import ENSEMBLE_SUFFIX
 
@@ -62,7 +63,7 @@ def main() -> int:
         # out-of-fold predictions instead (each image scored by the member that never saw it).
         val_p = read_oof([fold_paths(name.removesuffix(ENSEMBLE_SUFFIX), k)[2] for k in params.cv.folds])["probability"].to_numpy()
     checks = ood.Checks(params.ood.min_std, params.ood.max_colourfulness, params.ood.max_aspect)
-    gate = ood.fit_gate(train_f, train.x, val_f, val.x, val_p, loaded.threshold, params.ood.keep_val, params.predict.refer_coverage, checks)
+    gate = ood.fit_gate(train_f, train.x, val_f, val.x, val_p, loaded.threshold, params.ood.keep_val, params.predict.refer_coverage, checks, params.seed)
     gated = replace(loaded, gate=gate, features=features)
 
     # The official test X-rays, from their files as a user would pass them.
@@ -88,7 +89,7 @@ def main() -> int:
     curve = ood.risk_coverage(y, p, loaded.threshold)
     band = ood.answered(p, gate.refer_low, gate.refer_high)
     metrics = {
-        "method": "image checks + max(Mahalanobis on penultimate features, Mahalanobis on 16x16 thumbnails), Ledoit-Wolf, fitted on train",
+        "method": "image checks + max(Mahalanobis on penultimate features, Mahalanobis on 16x16 thumbnails, view check: logistic regression on 16x16 thumbnails vs rotated/flipped/inverted/corner-cropped training copies), each scaled by its validation quantile, fitted on train",
         "threshold": gate.threshold,
         "keep_val": params.ood.keep_val,
         "val_in_distribution": gate.meta["val_in_distribution"],

@@ -194,6 +194,58 @@ def test_penultimate_features_are_the_input_of_the_last_dense_through_a_nested_h
     assert tuple(ood.penultimate(plain).outputs[0].shape) == (None, 5)
 
 
+def test_view_negatives_are_each_image_transformed_once():
+    x = chest_like(np.random.default_rng(5), 70)
+    neg = ood.view_negatives(x, np.random.default_rng(6))
+    assert neg.shape == x.shape and neg.dtype == np.uint8
+    assert not any(np.array_equal(a, b) for a, b in zip(x, neg))  # every copy is changed
+    again = ood.view_negatives(x, np.random.default_rng(6))
+    assert np.array_equal(neg, again)  # seeded
+    assert ood.view_negatives(x[:0], np.random.default_rng(6)).shape == (0, 32, 32, 1)
+
+
+def _upright(rng: np.random.Generator, n: int) -> np.ndarray:
+    """chest_like with a bright abdomen below the lungs: a film with a top and a bottom."""
+    x = chest_like(rng, n).astype(np.float64)
+    x[:, 26:, :, :] += 60
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def test_view_check_tells_upright_films_from_rotated_flipped_inverted_and_cropped():
+    rng = np.random.default_rng(7)
+    view = ood.ViewCheck.fit(_upright(rng, 300), rng)
+    fresh = _upright(rng, 100)
+    cut = np.quantile(view.logit(ood.thumbnails(fresh)), 0.99)
+    corner = np.stack([np.asarray(Image.fromarray(i[:8, :8, 0]).resize((32, 32), Image.Resampling.BILINEAR)) for i in fresh])[..., None]
+    for name, wrong in {"upside down": np.rot90(fresh, 2, axes=(1, 2)), "inverted": 255 - fresh, "corner": corner}.items():
+        assert np.mean(view.logit(ood.thumbnails(wrong)) > cut) >= 0.95, name
+
+
+@pytest.mark.skipif(not ZIP_224.is_file(), reason="../shared/data/chest_xray_224.zip is absent")
+def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_films(tmp_path):
+    """Fitted on 1,200 real official-train X-rays (64 px), thresholded at 99.7% of 300 others;
+    the official test films and transforms of them (the ood stage's xray families)."""
+
+    def load(prefix: str, n: int) -> np.ndarray:
+        with zipfile.ZipFile(ZIP_224) as zf:
+            names = sorted(m for m in zf.namelist() if f"/{prefix}/" in m and m.lower().endswith(".jpeg"))
+            picked = [names[i] for i in np.random.default_rng(0).choice(len(names), n, replace=False)]
+            out = []
+            for name in picked:
+                path = tmp_path / "x.jpeg"
+                path.write_bytes(zf.read(name))
+                out.append(load_resized_facts(path, 64)[0])
+        return np.stack(out)
+
+    train, test = load("train", 1500), load("test", 300)
+    view = ood.ViewCheck.fit(train[:1200], np.random.default_rng(0))
+    cut = np.quantile(view.logit(ood.thumbnails(train[1200:])), 0.997)
+    assert np.mean(view.logit(ood.thumbnails(test)) > cut) <= 0.02
+    for family, images in ood.xray_families(test).items():
+        resized = np.stack([np.asarray(Image.fromarray(i).resize((64, 64), Image.Resampling.BILINEAR)) for i in images])[..., None]
+        assert np.mean(view.logit(ood.thumbnails(resized)) > cut) >= 0.9, family
+
+
 @pytest.mark.skipif(not ZIP_224.is_file(), reason="../shared/data/chest_xray_224.zip is absent")
 def test_image_checks_pass_every_real_xray(tmp_path):
     """No real X-ray of the 224-px archive (RGB-stored JPEGs among them) fails a cheap check."""
