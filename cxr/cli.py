@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradcam", metavar="DIR", type=Path, help="also write DIR/<stem>_gradcam.png heatmap overlays")
     p.add_argument("--batch-size", metavar="N", type=positive_int, default=64, help="images per model call (default: 64)")
     p.add_argument("--strict", action="store_true", help="exit 1 when some image is OUT_OF_DISTRIBUTION")
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     p.set_defaults(run=predict_command, subparser=p)
 
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     s.add_argument("--max-upload-mb", metavar="N", type=positive_float, default=64.0, help="refuse uploads over N MiB with 413 (default 64)")
     s.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     s.set_defaults(run=serve_command, subparser=s)
@@ -112,6 +114,10 @@ def project_root(start: Path | None = None) -> Path:
         if (folder / "dvc.yaml").is_file():
             return folder
     return start
+
+
+RUNTIME_CHOICES = ("auto", "keras", "litert")  # cxr.inference.RUNTIMES (not imported here: the CLI starts fast)
+RUNTIME_HELP = "auto (default): the LiteRT export models/<v>.tflite when present, else Keras; --gradcam always uses Keras"
 
 
 def resolve_model(variant: str | None, model: Path | None, root: Path) -> Path:
@@ -211,7 +217,8 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     paths = collect_images(args.paths)
     if not paths:
         parser.error(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, args.paths))}")
-    loaded = load_model(resolve_model(args.variant, args.model, project_root()))
+    # Grad-CAM needs the Keras graph's gradients; predictions then come from Keras too (same to 1e-4)
+    loaded = load_model(resolve_model(args.variant, args.model, project_root()), runtime="keras" if args.gradcam is not None else args.runtime)
     if loaded.gate is None:
         print(
             f"note: no OOD gate beside {loaded.path} (models/<v>.ood.npz): no OUT_OF_DISTRIBUTION or UNCERTAIN labels; "
@@ -247,7 +254,7 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cxr.serve import serve
 
-    serve(resolve_model(args.variant, args.model, project_root()), args.host, args.port, args.max_upload_mb)
+    serve(resolve_model(args.variant, args.model, project_root()), args.host, args.port, args.max_upload_mb, args.runtime)
     return 0
 
 

@@ -8,6 +8,8 @@ resize mode and decision threshold live there. Files go through `cxr.images.load
 same decoder preprocess uses, so a file gets the same probability here as in evaluation.
 With `models/<v>.ood.npz` beside the model (stage `ood@<v>`, cxr.ood) each prediction also gets
 an OOD score and flag, and the label OUT_OF_DISTRIBUTION or UNCERTAIN where it applies.
+With `runtime="auto"` (`cxr predict`, `cxr serve`) the exported `models/<v>.tflite` (stage
+`export@<v>`, cxr.runtime) runs instead of Keras when it is there, and TensorFlow is never imported.
 """
 
 from __future__ import annotations
@@ -28,17 +30,33 @@ from cxr.errors import CxrError
 from cxr.forward import forward_arrays, predict_arrays
 from cxr.images import ImageError, ImageFacts, load_resized_facts
 from cxr.ood import Gate, flatten, gate_path, penultimate
+from cxr.runtime import LiteModel, lite_meta_path, lite_path
+
+RUNTIMES = ("auto", "keras", "litert")
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A Keras model and its sidecar (`models/<v>.json`)."""
+    """A model (Keras, or its LiteRT export) and its sidecar (`models/<v>.json`)."""
 
-    model: Any  # keras.Model
+    model: Any  # keras.Model; None when `lite` runs instead
     meta: sidecar.Sidecar
     path: Path | None = None
     gate: Gate | None = None  # models/<v>.ood.npz when present
     features: Any = None  # keras.Model: the penultimate features the gate scores
+    lite: LiteModel | None = None  # models/<v>.tflite: probability and features in one pass
+
+    @property
+    def runtime(self) -> str:
+        return "litert" if self.lite is not None else "keras"
+
+    def outputs(self, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+        """P(pneumonia) (N,) and, when there is a gate, the features it scores (N, D)."""
+        if self.lite is not None:
+            probs, feats = self.lite.run(x, batch_size)
+            return probs, (feats if self.gate is not None else None)
+        probs = predict_arrays(self.model, x, batch_size)
+        return probs, (flatten(forward_arrays(self.features, x, batch_size)) if self.gate is not None else None)
 
     @property
     def image_size(self) -> int:
@@ -87,18 +105,41 @@ class Prediction:
         }
 
 
-def load_model(path: Path | str, with_gate: bool = True) -> LoadedModel:
+def load_model(path: Path | str, with_gate: bool = True, runtime: str = "keras") -> LoadedModel:
     """Load `models/<v>.keras` safely (no compile), its sidecar and, when present and
-    `with_gate`, its OOD gate (`models/<v>.ood.npz`); CxrError if any is unusable."""
-    import keras
+    `with_gate`, its OOD gate (`models/<v>.ood.npz`); CxrError if any is unusable.
 
+    `runtime`: "keras"; "litert" (the export `models/<v>.tflite`, an error when it is missing);
+    "auto" (the export when it is there and the ai-edge-litert package is installed, else Keras).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     path = Path(path)
     hint = sidecar.fix_hint(path)
-    if not path.is_file():
-        raise CxrError(f"{path}: model file not found; {hint}")
     if path.suffix != ".keras":
         raise CxrError(f"{path}: not a .keras model file; pass models/<variant>.keras")
+    exported = lite_path(path).is_file() and lite_meta_path(path).is_file()
+    if runtime == "litert" and not exported:
+        raise CxrError(f"{lite_path(path)}: no exported model; run `dvc repro export@{path.stem}` or use the Keras runtime")
+    if runtime == "auto":
+        from cxr import runtime as lite_runtime
+
+        runtime = "litert" if exported and lite_runtime.available() else "keras"
+    if runtime == "keras" and not path.is_file():
+        raise CxrError(f"{path}: model file not found; {hint}")
     meta = sidecar.read(path)
+    gate = Gate.load(gate_path(path)) if with_gate and gate_path(path).is_file() else None
+    if runtime == "litert":
+        lite = LiteModel.load(path, meta.image_size)
+        width = lite.features_width()
+        if gate is not None and width != len(gate.features.mean):
+            raise CxrError(
+                f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the export has {width}; rerun `dvc repro ood@{path.stem} export@{path.stem}`"
+            )
+        return LoadedModel(model=None, meta=meta, path=path, gate=gate, lite=lite)
+
+    import keras
+
     if not zipfile.is_zipfile(path):
         raise CxrError(f"{path}: not a Keras archive (damaged or tampered); {hint}")
     try:
@@ -110,9 +151,8 @@ def load_model(path: Path | str, with_gate: bool = True) -> LoadedModel:
     size = meta.image_size
     if shape is not None and tuple(shape[1:]) not in ((size, size, 1), (None, None, 1)):
         raise CxrError(f"{path}: model input {shape[1:]} does not match sidecar image_size {size}; {hint}")
-    if not with_gate or not gate_path(path).is_file():
+    if gate is None:
         return LoadedModel(model=model, meta=meta, path=path)
-    gate = Gate.load(gate_path(path))
     features = penultimate(model)
     width = int(np.prod(features.outputs[0].shape[1:]))
     if width != len(gate.features.mean):
@@ -175,9 +215,9 @@ def predict_files(
         for n, chunk in enumerate(chunks):
             x, facts, errors = _stack([f.result() for f in pending], size)
             pending = submit(chunks[n + 1]) if n + 1 < len(chunks) else []
-            probs = predict_arrays(loaded.model, x, batch_size)
+            probs, feats = loaded.outputs(x, batch_size)
             if gate is not None:
-                scores, reasons = gate.reasons(flatten(forward_arrays(loaded.features, x, batch_size)), x, facts)
+                scores, reasons = gate.reasons(feats, x, facts)
             good = 0
             for i, err in zip(chunk, errors):
                 if err is not None:

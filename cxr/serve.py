@@ -37,7 +37,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from cxr import __version__
 from cxr.errors import CxrError
-from cxr.inference import LoadedModel, load_model, predict_arrays, predict_files
+from cxr.inference import LoadedModel, load_model, predict_files
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_UPLOAD_MB = 64.0  # a 16-bit 4k x 4k DICOM is ~32 MB; chest X-ray JPEGs are ~0.1-2 MB
@@ -60,6 +60,7 @@ class ModelInfo:
     threshold: float
     threshold_rule: str
     ood_gate: bool
+    runtime: str  # keras | litert (the export, cxr.runtime)
 
 
 def sha256_file(path: Path) -> str:
@@ -96,18 +97,21 @@ class Service:
             threshold=meta.threshold,
             threshold_rule=meta.threshold_rule,
             ood_gate=loaded.gate is not None,
+            runtime=loaded.runtime,
         )
         self.lock = threading.Lock()
         self.workdir = Path(tempfile.mkdtemp(prefix="cxr-serve-"))  # mode 0700: uploads stay private
         self.cam, self.cam_error = self._gradcam()
         # compile the forward pass now, not in the first user's request
-        predict_arrays(loaded.model, np.zeros((1, meta.image_size, meta.image_size, 1), np.uint8))
+        loaded.outputs(np.zeros((1, meta.image_size, meta.image_size, 1), np.uint8))
 
     def _gradcam(self) -> tuple[Any, str | None]:
         from cxr.gradcam import GradCam
 
         try:
-            return GradCam(self.loaded.model), None
+            # with the LiteRT runtime the Keras model is loaded for Grad-CAM alone (its gradients)
+            model = self.loaded.model if self.loaded.model is not None else load_model(self.loaded.path, with_gate=False).model
+            return GradCam(model), None
         except (CxrError, ValueError) as exc:  # e.g. a model without convolutions
             return None, str(exc)
 
@@ -272,16 +276,23 @@ def create_app(service: Service) -> Any:
     return app
 
 
-def serve(model_path: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB) -> None:
+def serve(model_path: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, runtime: str = "auto") -> None:
     """Load the model and serve it with uvicorn (one worker: one model, calls serialized) until interrupted."""
     import uvicorn
 
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
-    service = Service(load_model(model_path), Path(model_path), int(max_upload_mb * 1024 * 1024))
+    service = Service(load_model(model_path, runtime=runtime), Path(model_path), int(max_upload_mb * 1024 * 1024))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     info = service.info
-    log.info("model %s (sha256 %s), threshold %.4f, OOD gate %s", info.model, info.model_sha256[:12], info.threshold, "yes" if info.ood_gate else "no")
+    log.info(
+        "model %s (sha256 %s, %s), threshold %.4f, OOD gate %s",
+        info.model,
+        info.model_sha256[:12],
+        info.runtime,
+        info.threshold,
+        "yes" if info.ood_gate else "no",
+    )
     log.info("page http://%s:%d/  API docs http://%s:%d/docs", host, port, host, port)
     try:
         uvicorn.run(create_app(service), host=host, port=port, workers=1)

@@ -1,0 +1,45 @@
+"""Stage `export@<variant>`: the model on LiteRT, for `cxr predict` and `cxr serve` without TensorFlow.
+
+    python stages/export.py VARIANT     # (dvc repro export@VARIANT) → models/VARIANT.tflite, .tflite.json,
+                                        #   metrics/VARIANT_export.json
+
+The exported model gives the probability and the OOD gate's features in one pass (cxr.export);
+the threshold, size and resize mode stay in the sidecar, the gate and refer band in
+models/VARIANT.ood.npz, both read by the runtime as by Keras. Parity is checked on every
+validation and test image before anything is written: probabilities within 1e-4 of Keras, the
+same label at the threshold and, with the gate, the same final label (no test label is read).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from cxr import params as cxr_params
+from cxr.cache import cache_dir, load_split
+from cxr.errors import run_main
+from cxr.export import export_litert, write_export
+from cxr.inference import load_model
+from cxr.io import write_json
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        raise ValueError("usage: python stages/export.py VARIANT (a name under params.yaml variants, or <v>_cv)")
+    name = sys.argv[1]
+    cxr_params.load().model_variant(name)
+    model_path = Path("models") / f"{name}.keras"
+    loaded = load_model(model_path, runtime="keras")
+    folder = cache_dir("data/processed", loaded.image_size)
+    x = np.concatenate([load_split(folder, s).x for s in ("val", "test")])
+    blob, record, parity = export_litert(loaded, x)
+    write_export(model_path, blob, record)
+    write_json(Path("metrics") / f"{name}_export.json", parity)
+    print(f"export@{name}: {parity['size_mb']} MB, max |dp| {parity['max_abs_probability_diff']:.1e} on {parity['n_images']} val+test images")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
