@@ -344,6 +344,8 @@ def model_card(inp: ReportInputs) -> dict[str, Any]:
 def page_context(inp: ReportInputs) -> dict[str, Any]:
     """Everything the page shows, as plain values: the template formats and escapes them."""
     series = series_specificity(inp.results)
+    val_series = {name: _dict(r.metrics.get("val_specificity_by_series")) for name, r in inp.results.items()}
+    val_series = {name: by for name, by in val_series.items() if by}
     return {
         "best": inp.summary["best"],
         "variants": inp.summary["variants"],
@@ -352,6 +354,8 @@ def page_context(inp: ReportInputs) -> dict[str, Any]:
         "higher_on_test": higher_on_test(inp.summary),
         "sensitivity_by_subtype": {n: _dict(r.metrics.get("sensitivity_by_subtype")) for n, r in inp.results.items()},
         "series": series,
+        "val_series": val_series,
+        "val_series_names": sorted({s for by_series in val_series.values() for s in by_series}),
         "series_names": sorted({s for by_series in series.values() for s in by_series}),
         "data_sizes": data_sizes(inp.audit),
         "data_rows": data_rows(inp.audit),

@@ -3,7 +3,10 @@
     python stages/evaluate.py VARIANT     # (dvc repro evaluate@VARIANT) → metrics/VARIANT.json, plots/VARIANT/*.csv
 
 The decision threshold and the validation AUC come from the model's sidecar (chosen on
-validation); the test set only reports.
+validation); the test set only reports. Beside the test figures, `val_specificity_by_series`:
+specificity per file-name series of the normal validation images (for a k-fold ensemble, of its
+out-of-fold rows: its members trained on the validation images), so a reader sees whether the
+test set's weak series is weak on validation too.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from pathlib import Path
 from cxr import params as cxr_params
 from cxr.cache import cache_dir, load_split
 from cxr.errors import CxrError, run_main
+from cxr.folds import fold_paths, read_oof
 from cxr.inference import load_model, predict_arrays
 from cxr.io import atomic_file, write_json
-from cxr.metrics import evaluate_probabilities
+from cxr.metrics import evaluate_probabilities, specificity_by_series
+from cxr.params import ENSEMBLE_SUFFIX
 
 
 def main() -> int:
@@ -39,6 +44,13 @@ def main() -> int:
         calibration_bins=params.evaluate.calibration_bins,
         seed=params.seed,
     )
+    if name.endswith(ENSEMBLE_SUFFIX):
+        oof = read_oof([fold_paths(name.removesuffix(ENSEMBLE_SUFFIX), k)[2] for k in params.cv.folds])
+        val_y, val_p, val_paths = oof["label"].to_numpy(), oof["probability"].to_numpy(), oof["path"]
+    else:
+        val = load_split(cache_dir("data/processed", loaded.image_size), "val")
+        val_y, val_p, val_paths = val.y, predict_arrays(loaded.model, val.x), val.rows["path"]
+    result.metrics["val_specificity_by_series"] = specificity_by_series(val_y, val_p, val_paths, loaded.threshold) if len(val_y) else {}
     # Everything is computed before anything is written: an error leaves the old outputs whole.
     for table, frame in result.tables.items():
         with atomic_file(Path("plots") / name / f"{table}.csv") as fh:

@@ -208,6 +208,17 @@ def test_series_table_is_specificity_per_normal_series():
     assert "<td>1.000" not in table.split("<tr><td>a</td>")[1].split("</tr>")[0]
 
 
+def test_validation_series_table_comes_from_the_evaluate_metrics():
+    results = {"a": fake_result("a", 0.9, 0.2), "b": fake_result("b", 0.8, 0.1, seed=3)}
+    results["a"].metrics["val_specificity_by_series"] = {"IM": {"n": 40, "specificity": 0.975}, "NORMAL2-IM": {"n": 90, "specificity": 0.9}}
+    page = report.render_html(report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m"))
+    table = re.search(r"<table class=series-val>(.*?)</table>", page, re.DOTALL)[1]
+    assert "<tr><td>a</td><td>0.975 <span class=ci>n=40</span></td><td>0.900 <span class=ci>n=90</span></td></tr>" in table
+    assert "<td>b</td>" not in table  # no validation figures: no row
+    del results["a"].metrics["val_specificity_by_series"]
+    assert "series-val" not in report.render_html(report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m"))
+
+
 def write_result(root: Path, r: report.VariantResult) -> None:
     """The files evaluate and train write for one variant."""
     for folder in ("metrics", "models", f"plots/{r.name}"):
@@ -313,6 +324,12 @@ def make_project(root: Path) -> None:
         }
     )
     write_split(root / "data" / "processed" / "8", "test", x, rows)
+    # validation: the same images under validation names (IM-… and NORMAL2-IM-… normals, for the series table)
+    val_rows = rows.assign(
+        split="val",
+        path=[f"data/raw/chest_xray/train/{p.split('/')[-2]}/{'NORMAL2-IM' if i % 3 else 'IM'}-{i:04d}-0001.jpeg" for i, p in enumerate(rows["path"])],
+    )
+    write_split(root / "data" / "processed" / "8", "val", x, val_rows)
     for name in ("alpha", "beta"):
         (root / "models").mkdir(exist_ok=True)
         tiny_model(SLOPE[name]).save(root / "models" / f"{name}.keras")
@@ -362,6 +379,7 @@ def test_evaluate_and_report_stages(project, monkeypatch):
     assert done.returncode == 0, done.stderr[-2000:]
     assert run_in_process(project, monkeypatch, str(ROOT / "stages" / "evaluate.py"), "beta") == 0
     m = json.loads((project / "metrics" / "alpha.json").read_text())
+    assert set(m["val_specificity_by_series"]) == {"IM", "NORMAL2-IM"} and sum(v["n"] for v in m["val_specificity_by_series"].values()) == 18
     assert m["n_test"] == 48 and m["n_patients_test"] == 24 and m["threshold"] == 0.5 and m["val_roc_auc"] == 0.70
     assert m["roc_auc"] > 0.8  # brighter = pneumonia, as built
     assert m["ci95"]["roc_auc"][0] <= m["roc_auc"] <= m["ci95"]["roc_auc"][1]
