@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_inference import SIZE, probe_model, save_model, sidecar, xray
 
 from cxr import ood, runtime
 from cxr.constants import OUT_OF_DISTRIBUTION
 from cxr.errors import CxrError
 from cxr.export import export_litert, write_export
 from cxr.inference import load_model, predict_files
+from test_inference import SIZE, probe_model, save_model, sidecar, xray
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
