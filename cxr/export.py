@@ -24,8 +24,6 @@ from cxr.forward import forward_arrays, predict_arrays
 from cxr.io import atomic_file, write_json
 from cxr.ood import flatten, penultimate
 
-TOLERANCE = 1e-4  # largest |P_litert − P_keras| accepted (float32 both; measured ~1e-6)
-
 
 def to_litert(model: Any) -> bytes:
     """A float32 LiteRT flatbuffer of `model` with two outputs: P(pneumonia) (N, 1) and its
@@ -82,10 +80,10 @@ def final_labels(loaded: Any, probs: np.ndarray, feats: np.ndarray, x: np.ndarra
     return [loaded.gate.label(float(p), loaded.threshold, why) for p, why in zip(probs, reasons)]
 
 
-def export_litert(loaded: Any, x: np.ndarray) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+def export_litert(loaded: Any, x: np.ndarray, tolerance: float = 1e-4) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
     """Convert a Keras `LoadedModel` and check it on the images `x` through the runtime's own
     loader: (flatbuffer, the .tflite.json record, parity figures). CxrError when any probability
-    differs by more than TOLERANCE or any class at the threshold differs. The gate's final
+    differs by more than `tolerance` (params.yaml export.tolerance) or any class at the threshold differs. The gate's final
     labels are compared and reported, not enforced: where the penultimate features are nearly
     constant (an untrained or collapsed model) the Mahalanobis score is float32 noise, and no
     runtime reproduces noise."""
@@ -114,11 +112,12 @@ def export_litert(loaded: Any, x: np.ndarray) -> tuple[bytes, dict[str, Any], di
         "max_rel_feature_diff": float(np.max(np.abs(lite_f - keras_f)) / max(1e-12, float(np.max(np.abs(keras_f))))),
         "class_agreement": float(same_class.mean()),
         "label_agreement": float(same_label.mean()),
+        "tolerance": tolerance,
         "gate": loaded.gate is not None,
         "size_mb": round(len(blob) / 1e6, 3),
         "convert_s": round(convert_s, 2),
     }
-    if diff.max() > TOLERANCE or not same_class.all():
+    if diff.max() > tolerance or not same_class.all():
         raise CxrError(
             f"{loaded.path}: the LiteRT export differs from Keras (max |dp| {diff.max():.2e}, {int((~same_class).sum())} class "
             f"disagreements on {len(x)} images); nothing written"

@@ -203,6 +203,11 @@ class PredictParams(_Traced):
 
 
 @dataclass(frozen=True)
+class ExportParams(_Traced):
+    tolerance: float = 1e-4  # largest |P_litert − P_keras| export@<v> accepts on the val+test images
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     fetch: FetchParams
@@ -216,6 +221,7 @@ class Params:
     cv: CvParams = field(default_factory=CvParams)
     ood: OodParams = field(default_factory=OodParams)
     predict: PredictParams = field(default_factory=PredictParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
     def __getattribute__(self, name: str) -> Any:
         if name == "seed":  # the other fields are sections, whose own fields are traced
@@ -447,6 +453,8 @@ def parse(raw: dict[str, Any]) -> Params:
     _positive_int(ood.family_size, "ood.family_size")
     predict = _build(PredictParams, "predict", _section(raw, "predict", required=False))
     _number_in(predict.refer_coverage, "predict.refer_coverage", 0, 1, "(]")
+    export = _build(ExportParams, "export", _section(raw, "export", required=False))
+    _number_in(export.tolerance, "export.tolerance", 0, 0.01, "(]")
     for section, obj in (
         ("fetch", fetch),
         ("split", split),
@@ -458,10 +466,11 @@ def parse(raw: dict[str, Any]) -> Params:
         ("cv", cv),
         ("ood", ood),
         ("predict", predict),
+        ("export", export),
         *((f"variants.{n}", v) for n, v in variants.items()),
     ):
         _sectioned(obj, section)
-    return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report, cv, ood, predict)
+    return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report, cv, ood, predict, export)
 
 
 def load(path: Path | str = PARAMS_FILE) -> Params:

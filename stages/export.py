@@ -6,7 +6,7 @@
 The exported model gives the probability and the OOD gate's features in one pass (cxr.export);
 the threshold, size and resize mode stay in the sidecar, the gate and refer band in
 models/VARIANT.ood.npz, both read by the runtime as by Keras. Parity is checked on every
-validation and test image before anything is written: probabilities within 1e-4 of Keras and
+validation and test image before anything is written: probabilities within `export.tolerance` (1e-4) of Keras and
 the same class at the threshold; the share of final labels (gate included) that agree is
 recorded (no test label is read).
 """
@@ -30,12 +30,13 @@ def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
         raise ValueError("usage: python stages/export.py VARIANT (a name under params.yaml variants, or <v>_cv)")
     name = sys.argv[1]
-    cxr_params.load().model_variant(name)
+    params = cxr_params.load()
+    params.model_variant(name)
     model_path = Path("models") / f"{name}.keras"
     loaded = load_model(model_path, runtime="keras")
     folder = cache_dir("data/processed", loaded.image_size)
     x = np.concatenate([load_split(folder, s).x for s in ("val", "test")])
-    blob, record, parity = export_litert(loaded, x)
+    blob, record, parity = export_litert(loaded, x, params.export.tolerance)
     write_export(model_path, blob, record)
     write_json(Path("metrics") / f"{name}_export.json", parity)
     print(

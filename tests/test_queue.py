@@ -76,7 +76,7 @@ def test_queued_grid_runs_each_value_and_exp_show_lists_them(tiny_pipeline, tmp_
     for name in names:  # each run redid only what the parameter feeds (ran, or restored from DVC's run cache)
         log = sh(work, DVC, "queue", "logs", name).stdout
         redone = {a or b for a, b in re.findall(r"Running stage '([^']+)'|Stage '([^']+)' is cached", log)}
-        assert redone == {f"train@{VARIANT}", f"evaluate@{VARIANT}", f"ood@{VARIANT}", "report"}, log[-3000:]
+        assert redone == {f"train@{VARIANT}", f"evaluate@{VARIANT}", f"ood@{VARIANT}", f"export@{VARIANT}", "report"}, log[-3000:]
 
     shown = walk_experiments(json.loads(sh(work, DVC, "exp", "show", "--json").stdout))
     assert set(names) <= set(shown), sorted(shown)
