@@ -72,7 +72,9 @@ class Mahalanobis:
 
     def distance(self, x: np.ndarray) -> np.ndarray:
         d = np.asarray(x, np.float64) - self.mean
-        return np.einsum("ij,jk,ik->i", d, self.precision, d)
+        # (d P) · d row by row: the matrix product goes through BLAS (a three-operand einsum
+        # does not, and took 0.28 s for 200 images × 1,280 features, more than the model)
+        return np.einsum("ij,ij->i", d @ self.precision, d)
 
 
 def thumbnails(x: np.ndarray) -> np.ndarray:
