@@ -1,5 +1,7 @@
 # Two commands set up everything on a fresh machine:
-#   make test                      # venv + install + test suite
+#   make test                      # venv + install + the fast tests (~4 min on 2 cores)
+#   make test-all                  # + the slow end-to-end tests: dvc on a tiny synthetic pipeline,
+#                                  #   headless Chromium, the registry (~14 min; what CI runs)
 #   make repro SOURCE=path/or/url  # venv + install + dvc repro (SOURCE is optional)
 # `make lint` runs ruff (lint + formatting check; settings in pyproject.toml), as .ci/run does.
 PYTHON ?= python3.11
@@ -13,9 +15,15 @@ export KERAS_HOME
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test lint repro install bench clean-venv
+.PHONY: test test-all test-slow lint repro install bench clean-venv
 
 test: $(STAMP)
+	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)

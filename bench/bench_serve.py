@@ -144,7 +144,7 @@ def main() -> int:
     if model is None:
         (model, weights), standin = build_standin(folder), True
     samples = sample_files()
-    loaded = load_model(model)
+    loaded = load_model(model, runtime="auto")  # what `cxr predict` and `cxr serve` use by default (the LiteRT export when there is one)
     want = {p.name: pred.as_dict() for p, pred in zip(samples, predict_files(samples, loaded))}
     distinct = len({round(w["probability"], 6) for w in want.values()})
     good = {p.name: p.read_bytes() for p in samples}
@@ -232,6 +232,7 @@ def main() -> int:
         "standin_backbone_weights": weights,
         "image_size": loaded.image_size,
         "ood_gate": loaded.gate is not None,
+        "runtime": loaded.runtime,
         "screenshot": shot,
         "ok": ok and shot.get("equals_predict", True),
     }
