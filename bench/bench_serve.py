@@ -7,7 +7,7 @@ Starts `cxr serve` as a child process on 127.0.0.1 (a free port, --max-upload-mb
 bad requests of every kind the service refuses (no file, empty, not an image, truncated JPEG,
 decompression bomb, DICOM without pixels, over the upload limit), in a fixed shuffled order.
 Checks: no 5xx, no connection error, every bad request its 4xx, every good answer equal to
-`predict_files` (what `cxr predict` prints) to 1e-6. Reports p50/p99 latency and the server's
+`predict_files` on that file alone (what `cxr predict FILE` prints) to 1e-6. Reports p50/p99 latency and the server's
 RSS before and after (and its peak). With Chromium on PATH it also uploads a sample through the
 page and saves bench/results/serve_screenshot.png. Without MODEL it uses the best trained model
 (metrics/summary.json) or an untrained stand-in (build_standin), and says so.
@@ -145,7 +145,8 @@ def main() -> int:
         (model, weights), standin = build_standin(folder), True
     samples = sample_files()
     loaded = load_model(model, runtime="auto")  # what `cxr predict` and `cxr serve` use by default (the LiteRT export when there is one)
-    want = {p.name: pred.as_dict() for p, pred in zip(samples, predict_files(samples, loaded))}
+    # what `cxr predict FILE` prints for each file alone (a batch of one, as the service runs each upload)
+    want = {p.name: predict_files([p], loaded)[0].as_dict() for p in samples}
     distinct = len({round(w["probability"], 6) for w in want.values()})
     good = {p.name: p.read_bytes() for p in samples}
     bad = bad_uploads(folder, good[samples[0].name])

@@ -119,6 +119,6 @@ class LiteModel:
                 it.invoke()
                 probs.append(np.asarray(it.get_tensor(self.probability_index), np.float64).reshape(len(batch), -1)[:, 0])
                 feats.append(np.asarray(it.get_tensor(self.features_index), np.float64).reshape(len(batch), -1))
-        if not probs:
-            return np.zeros((0,), np.float64), np.zeros((0, 0), np.float64)
+        if not probs:  # no image (e.g. every file of a batch unreadable): empty, with the features' width
+            return np.zeros((0,), np.float64), np.zeros((0, self.features_width()), np.float64)
         return np.concatenate(probs), np.concatenate(feats)

@@ -69,6 +69,16 @@ def test_litert_gives_keras_probabilities_features_and_labels(exported, tmp_path
     np.testing.assert_allclose([r.ood_score for r in b], [r.ood_score for r in a], rtol=1e-3)
 
 
+def test_a_batch_with_no_readable_image_is_answered_not_raised(exported, tmp_path):
+    """A batch whose every file fails (the service answers each upload alone) gives error rows."""
+    lite = load_model(exported, runtime="litert")
+    probs, feats = lite.outputs(images(0))
+    assert probs.shape == (0,) and feats.shape == (0, len(lite.gate.features.mean))
+    (tmp_path / "notes.png").write_text("not an image")
+    rows = predict_files([tmp_path / "notes.png"], lite)
+    assert rows[0].error is not None and rows[0].probability is None
+
+
 def test_auto_takes_the_export_and_falls_back_to_keras(exported, tmp_path):
     assert load_model(exported, runtime="auto").runtime == "litert"
     bare = save_model(probe_model(), tmp_path / "bare.keras", sidecar())
