@@ -12,10 +12,12 @@ Importing this module and loading a model costs tens of milliseconds; TensorFlow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,20 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (the runtime's C++ "INFO: Created TensorFlow Lite XNNPACK
+    delegate" line on every load); Python exceptions still carry the reason."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @dataclass
@@ -113,7 +129,8 @@ class LiteModel:
                 batch = np.ascontiguousarray(x[start : start + batch_size], np.float32)
                 if self.shape != batch.shape:  # a new batch size: reallocate (once per size)
                     it.resize_tensor_input(self.input_index, list(batch.shape))
-                    it.allocate_tensors()
+                    with _quiet_stderr() if self.shape is None else contextlib.nullcontext():  # the delegate's line comes with the first
+                        it.allocate_tensors()
                     self.shape = batch.shape
                 it.set_tensor(self.input_index, batch)
                 it.invoke()
