@@ -135,7 +135,7 @@ def main() -> int:
     if args.quick:
         args.requests = 300
     from cxr.inference import load_model, predict_files
-    from cxr.serve import sha256_file
+    from cxr.runtime import sha256_file
     from cxr.testing.serveapp import post_file
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")

@@ -18,7 +18,6 @@ keep to that, see cxr.dicom), never header values.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import logging
 import re
@@ -38,6 +37,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from cxr import __version__
 from cxr.errors import CxrError
 from cxr.inference import LoadedModel, load_model, predict_files
+from cxr.runtime import sha256_file  # the one SHA-256 of a file (the export records the model's too)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_UPLOAD_MB = 64.0  # a 16-bit 4k x 4k DICOM is ~32 MB; chest X-ray JPEGs are ~0.1-2 MB
@@ -61,14 +61,6 @@ class ModelInfo:
     threshold_rule: str
     ood_gate: bool
     runtime: str  # keras | litert (the export, cxr.runtime)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_name(filename: str | None) -> str:

@@ -26,7 +26,8 @@ from PIL import Image
 from cxr.cli import build_parser
 from cxr.gradcam import GradCam, overlay
 from cxr.inference import load_model, predict_files
-from cxr.serve import INTENDED_USE, Service, create_app, safe_name, sha256_file
+from cxr.runtime import sha256_file
+from cxr.serve import INTENDED_USE, Service, create_app, safe_name
 from cxr.testing.dicomfiles import PHI, write_dicom
 from cxr.testing.serveapp import chromium_paths, headless_chromium, post_file, running, upload_in_page
 from test_dicom import BASIC_TEXT_SR, assert_no_phi
