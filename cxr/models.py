@@ -49,7 +49,7 @@ def gray_to_rgb(x: Any) -> Any:
     return layers.Concatenate(name="gray_to_rgb")([x, x, x])
 
 
-def augmentation(seed: int, kind: str = "seed", strength: float = 1.0) -> keras.Sequential:
+def augmentation(seed: int, kind: str = "seed", strength: float = 1.0, photometric: float = 0.0) -> keras.Sequential:
     """Random image transforms, active only in training (Keras skips them in predict/evaluate).
 
     kind "seed": the seed notebook's ImageDataGenerator settings (rotation 40°, shifts 0.2,
@@ -57,7 +57,9 @@ def augmentation(seed: int, kind: str = "seed", strength: float = 1.0) -> keras.
     in degrees (0.2° is next to nothing); RandomShear's 0.2 is a fraction of the image (up to
     about 11°), i.e. stronger than the seed's.
     kind "light": the modern variant's ±10° rotation, 0.05 shift, 0.1 zoom and contrast, all
-    scaled by `strength`; no shear and no flip.
+    scaled by `strength`; no shear and no flip. `photometric` > 0 adds an AugMix-like
+    acquisition family (random brightness ±20% and Gaussian blur up to σ 1.5, both scaled by
+    it), the kind of shift the stress report measures; mixup lives in cxr.training.
     """
     if kind == "seed":
         transforms = [
@@ -78,6 +80,13 @@ def augmentation(seed: int, kind: str = "seed", strength: float = 1.0) -> keras.
             layers.RandomZoom(min(0.1 * strength, 0.9), fill_mode="nearest", seed=seed + 2),
             layers.RandomContrast(min(0.1 * strength, 1.0), value_range=(0, 255), seed=seed + 3),
         ]
+        if photometric < 0:
+            raise ValueError(f"photometric must be >= 0, got {photometric}")
+        if photometric > 0:
+            transforms += [
+                layers.RandomBrightness(min(0.2 * photometric, 1.0), value_range=(0, 255), seed=seed + 4),
+                layers.RandomGaussianBlur(factor=(0.0, 1.0), kernel_size=5, sigma=(0.1, 1.5 * photometric), value_range=(0, 255), seed=seed + 5),
+            ]
     else:
         raise ValueError(f"augmentation kind must be 'seed' or 'light', got {kind!r}")
     return keras.Sequential(transforms, name=AUGMENT_NAME)
@@ -312,7 +321,7 @@ def build_modern(variant: VariantParams, transfer: TransferParams, seed: int) ->
     """
     backbone_params = variant.backbone(transfer)
     inputs = _inputs(variant)
-    x = augmentation(seed, "light", variant.option("augment_strength"))(inputs) if variant.augment else inputs
+    x = augmentation(seed, "light", variant.option("augment_strength"), variant.option("photometric"))(inputs) if variant.augment else inputs
     base = make_backbone(variant, backbone_params, alpha_key=f"variants.{variant.name}.alpha")
     start = _trainable_from(base, variant.option("trainable_from"), variant)
     for i, layer in enumerate(base.layers):
@@ -322,6 +331,74 @@ def build_modern(variant: VariantParams, transfer: TransferParams, seed: int) ->
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(variant.option("dropout"), seed=seed)(x)
     return keras.Model(inputs, _output(x), name=variant.name)
+
+
+def reestimate_batchnorm(model: keras.Model, x: Any, batch_size: int = 64) -> int:
+    """Replace the backbone's BatchNorm moving statistics (ImageNet's) by those of the images `x`
+    (uint8 or float pixels, N × S × S × 1): every BatchNorm runs in training mode over `x` in
+    fixed order, its moving averages reset to the running mean over the batches. The layers stay
+    frozen afterwards. Returns the number of BatchNorm layers re-estimated.
+
+    Called before fine-tuning (variants.<v>.bn_reestimate), so the frozen statistics the new
+    weights adapt to are those of chest X-rays, not of ImageNet photographs.
+    """
+    base = find_backbone(model)
+    norms = [layer for layer in _all_layers(base) if isinstance(layer, layers.BatchNormalization)]
+    if not norms or len(x) == 0:
+        return 0
+    # the preprocessing in front of the backbone (the augmentation in it is inactive outside training)
+    fed = base._inbound_nodes[0].input_tensors[0]
+    to_backbone = keras.Model(model.inputs[0], fed)
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.trainable = True
+    try:
+        for k, start in enumerate(range(0, len(x), batch_size)):
+            for layer in norms:
+                layer.momentum = k / (k + 1)  # moving = running mean of the batches' statistics
+            batch = keras.ops.convert_to_tensor(x[start : start + batch_size], dtype="float32")
+            base(to_backbone(batch, training=False), training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+        freeze_batchnorm(base)
+    return len(norms)
+
+
+TTA_CROP = 0.075  # share of the side each test-time view crops away before scaling back up
+
+
+def tta_views(size: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]] | None]:
+    """The 6 fixed views of test-time augmentation: the image itself, a centred crop and four
+    crops shifted up / down / left / right, each of (1 − TTA_CROP) of the side, scaled back to
+    `size`. No flips: the anatomy is lateralised."""
+    crop = max(1, round(size * TTA_CROP))
+    a, b = crop // 2, crop - crop // 2
+    return {
+        "identity": None,
+        "centre": ((a, b), (a, b)),
+        "up": ((0, crop), (a, b)),
+        "down": ((crop, 0), (a, b)),
+        "left": ((a, b), (0, crop)),
+        "right": ((a, b), (crop, 0)),
+    }
+
+
+def tta_model(model: keras.Model) -> keras.Model:
+    """`model` averaged over its `tta_views`, as one functional model (Cropping2D + Resizing, no
+    Lambda layers), so evaluate, the OOD gate (features of the identity view), the export and
+    `cxr predict` use it like any other model."""
+    shape = tuple(model.inputs[0].shape[1:])
+    size = int(shape[0])
+    inputs = keras.Input(shape, dtype="float32", name="pixels")
+    outputs = []
+    for name, crop in tta_views(size).items():
+        x = inputs
+        if crop is not None:
+            x = layers.Cropping2D(crop, name=f"tta_{name}")(x)
+            x = layers.Resizing(size, size, interpolation="bilinear", name=f"tta_{name}_resize")(x)
+        outputs.append(model(x))
+    return keras.Model(inputs, layers.Average(name="tta_mean")(outputs), name=f"{model.name}_tta")
 
 
 def build_model(variant: VariantParams, params: Params) -> keras.Model:

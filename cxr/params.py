@@ -79,6 +79,11 @@ MODEL_EXTRAS: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
         "augment_strength": 1.0,
         "warmup_fraction": 0.1,
+        # #12's robustness methods, all off by default (cxr/models.py, cxr/training.py):
+        "photometric": 0.0,  # AugMix-like brightness / blur / noise in training, scaled by this (0 = off)
+        "mixup": 0.0,  # Beta(a, a) mixup of image pairs and their labels (0 = off)
+        "bn_reestimate": False,  # BatchNorm statistics re-estimated on training X-rays before fine-tuning
+        "tta": False,  # average over 6 fixed crop-and-rescale views at inference (cxr.models.tta_model)
     },
 }
 # Models built on an ImageNet backbone: `transfer.*` gives its name and width unless the variant has its own.
@@ -354,6 +359,10 @@ def _check_extras(v: VariantParams, key: str) -> None:
     _number_in(v.option("label_smoothing"), f"{key}.label_smoothing", 0, 1)
     _number_in(v.option("augment_strength"), f"{key}.augment_strength", 0, 5, "(]")
     _number_in(v.option("warmup_fraction"), f"{key}.warmup_fraction", 0, 1)
+    _number_in(v.option("photometric"), f"{key}.photometric", 0, 5, "[]")
+    _number_in(v.option("mixup"), f"{key}.mixup", 0, 10, "[]")
+    for flag in ("bn_reestimate", "tta"):
+        _check(isinstance(v.option(flag), bool), f"{key}.{flag}", f"must be true or false, got {v.option(flag)!r}")
     start = v.option("trainable_from")
     _check(
         start is None or isinstance(start, str) or (isinstance(start, int) and not isinstance(start, bool)),

@@ -28,8 +28,8 @@ from cxr.errors import CxrError
 from cxr.forward import forward_arrays, predict_arrays
 from cxr.io import atomic_path
 from cxr.metrics import binary_metrics, choose_threshold
-from cxr.models import backbone_features, build_model, compile_model, compose, feature_head
-from cxr.params import BACKBONE_MODELS, Params, VariantParams
+from cxr.models import backbone_features, build_model, compile_model, compose, feature_head, reestimate_batchnorm, tta_model
+from cxr.params import BACKBONE_MODELS, MODEL_EXTRAS, Params, VariantParams
 from cxr.sidecar import Sidecar, ValSummary
 from cxr.stress import stress_probabilities
 
@@ -130,9 +130,45 @@ def open_live(live_dir: Path | str | None) -> contextlib.AbstractContextManager[
     return Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
 
 
-def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int) -> tf.data.Dataset:
+# At most this many training images (a seeded sample) re-estimate the BatchNorm statistics.
+BN_REESTIMATE_IMAGES = 1024
+
+
+def option(variant: VariantParams, key: str) -> Any:
+    """A modern-only extra (cxr.params.MODEL_EXTRAS), or its 'off' value for the other models."""
+    return variant.option(key) if variant.model in MODEL_EXTRAS else MODEL_EXTRAS["modern"][key]
+
+
+def mixup_batches(batches: tf.data.Dataset, alpha: float, seed: int) -> tf.data.Dataset:
+    """mixup (Zhang et al. 2018) of (x, y, w) batches: each image, label and class weight blended
+    with those of another image of its batch, λ ~ Beta(alpha, alpha) per image; the partner and λ
+    depend only on (seed, batch index), so runs repeat exactly."""
+
+    def mix(index: tf.Tensor, batch: tuple[tf.Tensor, tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        x, y, w = batch
+        n = tf.shape(y)[0]
+        key = tf.stack([tf.constant(seed, tf.int64), index])
+        partner = tf.random.experimental.stateless_shuffle(tf.range(n), seed=key)
+        g1 = tf.random.stateless_gamma([n], seed=key + 1, alpha=alpha)
+        g2 = tf.random.stateless_gamma([n], seed=key + 2, alpha=alpha)
+        lam = g1 / (g1 + g2)
+
+        def blend(a: tf.Tensor) -> tf.Tensor:
+            weight = tf.reshape(lam, [-1] + [1] * (len(a.shape) - 1))
+            return weight * a + (1.0 - weight) * tf.gather(a, partner)
+
+        return blend(x), blend(y), blend(w)
+
+    return batches.enumerate().map(mix, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def epoch_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int, weights: dict[int, float] | None = None, mixup: float = 0.0
+) -> tf.data.Dataset:
     """`epochs` × ceil(N / batch_size) float32 training batches, each epoch a permutation that
-    depends only on (seed, epoch); batches never span two epochs.
+    depends only on (seed, epoch); batches never span two epochs. With `weights` (class → weight)
+    each batch also carries per-image weights, and with `mixup` > 0 images are mixed in pairs
+    (`mixup_batches`).
 
     Not `Dataset.shuffle(reshuffle_each_iteration=True)`: its permutations follow how many
     iterators were opened, and under a tf.distribute strategy Keras opens one more (to build the
@@ -145,13 +181,20 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoc
         order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
-    def gather(indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return tf.cast(tf.gather(images, indices), tf.float32), tf.gather(labels, indices)
+    if mixup > 0 and weights is None:
+        raise ValueError("mixup needs the class weights, to mix them with the labels")
+    per_image = None if weights is None else tf.constant(np.where(np.asarray(y) == 1, weights[1], weights[0]).astype(np.float32))
+
+    def gather(indices: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        out = (tf.cast(tf.gather(images, indices), tf.float32), tf.gather(labels, indices))
+        return out if per_image is None else (*out, tf.gather(per_image, indices))
 
     # No .cache(): the arrays are already in memory and gather + cast is cheaper than a copy of
     # float32 pixels (4× the uint8 cache); prefetch overlaps it with the training step.
-    batches = tf.data.Dataset.range(epochs).flat_map(epoch_indices)
-    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    batches = tf.data.Dataset.range(epochs).flat_map(epoch_indices).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if mixup > 0:
+        batches = mixup_batches(batches, float(mixup), seed)
+    return batches.prefetch(tf.data.AUTOTUNE)
 
 
 def fit_arrays(
@@ -169,11 +212,15 @@ def fit_arrays(
     """model.fit on seeded, shuffled tf.data batches with balanced class weights; `variant.batch_size`
     images per replica, so each step sees batch_size × replicas (the learning rate is unchanged)."""
     batch = global_batch_size(variant.batch_size, model.distribute_strategy)
+    mixup = option(variant, "mixup")
+    weights = class_weights(y_train)
+    # With mixup the class weights are mixed like the labels, so they travel in the batches.
+    data = epoch_batches(x_train, y_train, batch, params.seed, epochs, weights, mixup) if mixup else epoch_batches(x_train, y_train, batch, params.seed, epochs)
     return model.fit(
-        shard_by_data(epoch_batches(x_train, y_train, batch, params.seed, epochs)),
+        shard_by_data(data),
         steps_per_epoch=math.ceil(len(x_train) / batch),
         epochs=epochs,
-        class_weight=class_weights(y_train),
+        class_weight=None if mixup else weights,
         callbacks=[ValidationScores(x_val, y_val), *cbs],
         verbose=verbose,
         shuffle=False,  # the dataset already shuffles, seeded
@@ -188,7 +235,11 @@ def fit_end_to_end(variant: VariantParams, params: Params, train: CachedSplit, v
     strategy = get_strategy(params.train.distribute)
     steps = math.ceil(len(train) / global_batch_size(variant.batch_size, strategy))
     with strategy.scope():
-        model = compile_model(build_model(variant, params), variant, steps, epochs)
+        model = build_model(variant, params)
+        if option(variant, "bn_reestimate"):
+            sample = np.random.default_rng(params.seed).permutation(len(train))[:BN_REESTIMATE_IMAGES]
+            reestimate_batchnorm(model, train.x[np.sort(sample)])
+        model = compile_model(model, variant, steps, epochs)
     history = fit_arrays(model, variant, params, train.x, train.y, val.x, val.y, epochs, cbs, verbose)
     return model, history, predict_arrays(model, val.x)
 
@@ -224,6 +275,10 @@ def train_variant(
     with open_live(live_dir) as live:
         start = time.perf_counter()
         model, history, val_prob = fit(variant, params, train, val, epochs, callbacks(params, live), verbose)
+        if option(variant, "tta"):
+            # trained as usual, then averaged over fixed views; threshold and stress see the average
+            model = tta_model(model)
+            val_prob = predict_arrays(model, val.x)
         seconds = time.perf_counter() - start
         if not np.all(np.isfinite(val_prob)):
             raise CxrError(f"variant {variant.name} diverged (non-finite validation predictions); lower variants.{variant.name}.learning_rate")
