@@ -6,7 +6,9 @@ The decision threshold and the validation AUC come from the model's sidecar (cho
 validation); the test set only reports. Beside the test figures, `val_specificity_by_series`:
 specificity per file-name series of the normal validation images (for a k-fold ensemble, of its
 out-of-fold rows: its members trained on the validation images), so a reader sees whether the
-test set's weak series is weak on validation too.
+test set's weak series is weak on validation too; and `calibration`: Platt scaling fitted on
+the same validation (or out-of-fold) predictions, with the ECE and Brier score before and after
+on validation and test.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from cxr.errors import CxrError, run_main
 from cxr.folds import fold_paths, read_oof
 from cxr.inference import load_model, predict_arrays
 from cxr.io import atomic_file, write_json
-from cxr.metrics import evaluate_probabilities, specificity_by_series
+from cxr.metrics import calibration_report, evaluate_probabilities, specificity_by_series
 from cxr.params import ENSEMBLE_SUFFIX
 
 
@@ -34,9 +36,10 @@ def main() -> int:
     test = load_split(cache_dir("data/processed", loaded.image_size), "test")
     if len(test) == 0:
         raise CxrError("the preprocessed test split is empty; rerun `dvc repro split preprocess`")
+    test_p = predict_arrays(loaded.model, test.x)
     result = evaluate_probabilities(
         test.y,
-        predict_arrays(loaded.model, test.x),
+        test_p,
         test.rows,
         loaded.threshold,
         val_roc_auc=loaded.meta.val.roc_auc,
@@ -51,6 +54,10 @@ def main() -> int:
         val = load_split(cache_dir("data/processed", loaded.image_size), "val")
         val_y, val_p, val_paths = val.y, predict_arrays(loaded.model, val.x), val.rows["path"]
     result.metrics["val_specificity_by_series"] = specificity_by_series(val_y, val_p, val_paths, loaded.threshold) if len(val_y) else {}
+    # Platt scaling fitted on validation (out-of-fold for an ensemble): does 0.5 then mean 0.5?
+    if len(set(val_y.tolist())) == 2:
+        result.metrics["calibration"] = calibration_report(val_y, val_p, test.y, test_p, params.evaluate.calibration_bins)
+        result.metrics["calibration"]["fitted_on"] = "out-of-fold" if name.endswith(ENSEMBLE_SUFFIX) else "validation"
     # Everything is computed before anything is written: an error leaves the old outputs whole.
     for table, frame in result.tables.items():
         with atomic_file(Path("plots") / name / f"{table}.csv") as fh:

@@ -288,3 +288,21 @@ def test_calibrated_rule_refuses_an_inverted_model():
 def test_youden_rule_is_the_youden_threshold():
     y, p = _scores(seed=5)
     assert metrics.choose_threshold("youden", y, p) == metrics.youden_threshold(y, p)
+
+
+def test_platt_calibration_report_lowers_ece_of_a_miscalibrated_model():
+    rng = np.random.default_rng(3)
+
+    def draw(n):
+        true_p = rng.uniform(0.02, 0.98, n)
+        y = (rng.uniform(size=n) < true_p).astype(int)
+        z = np.log(true_p / (1 - true_p))
+        return y, 1 / (1 + np.exp(-(2.5 * z + 1.5)))  # overconfident and biased towards pneumonia
+
+    (vy, vp), (ty, tp) = draw(3000), draw(3000)
+    report = metrics.calibration_report(vy, vp, ty, tp, n_bins=10)
+    assert report["a"] == pytest.approx(0.4, abs=0.05) and report["b"] == pytest.approx(-0.6, abs=0.1)
+    for split in ("val", "test"):
+        assert report[split]["ece_calibrated"] < 0.03 < report[split]["ece"]
+        assert report[split]["brier_calibrated"] < report[split]["brier"]
+    np.testing.assert_allclose(metrics.platt_apply([0.5], 1.0, 0.0), [0.5])
