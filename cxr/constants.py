@@ -14,3 +14,6 @@ RESIZE_MODES = ("squash", "pad")
 # gate), and too close to the threshold to answer (inside the refer band: refer to a radiologist).
 OUT_OF_DISTRIBUTION = "OUT_OF_DISTRIBUTION"
 UNCERTAIN = "UNCERTAIN"
+# Name of the averaging layer of a test-time-augmentation model (cxr.models.tta_model); Grad-CAM
+# explains such a model through its identity view.
+TTA_OUTPUT = "tta_mean"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cxr.constants import TTA_OUTPUT
 from cxr.errors import CxrError
 from cxr.io import atomic_path
 
@@ -108,12 +109,20 @@ def conv_and_output(model: Any) -> ConvAndOutput:
     raise CxrError(f"model '{model.name}' has no convolution layer; Grad-CAM needs a convolutional variant (not the dense one)")
 
 
+def explained_model(model: Any) -> Any:
+    """The model Grad-CAM explains: a test-time-augmentation model (cxr.models.tta_model) through
+    its identity view, the member model (the other views' maps sit in cropped coordinates)."""
+    if model.layers and model.layers[-1].name == TTA_OUTPUT:
+        return next(layer for layer in model.layers if _is_model(layer))
+    return model
+
+
 class GradCam:
     """Grad-CAM for one model; build once, call per image (the gradient graph is reused)."""
 
     def __init__(self, model: Any):
         self.model = model
-        self._fn = conv_and_output(model)
+        self._fn = conv_and_output(explained_model(model))
 
     def __call__(self, x: np.ndarray, target: str = "pneumonia") -> np.ndarray:
         """Heatmap float32 (S, S) in [0, 1] for one image x (1, S, S, 1) or (S, S, 1) of raw pixels.

@@ -23,6 +23,7 @@ from typing import Any
 import keras
 from keras import layers
 
+from cxr.constants import TTA_OUTPUT
 from cxr.errors import CxrError, run_main
 from cxr.params import BACKBONES, MODEL_EXTRAS, Params, TransferParams, VariantParams
 
@@ -398,7 +399,7 @@ def tta_model(model: keras.Model) -> keras.Model:
             x = layers.Cropping2D(crop, name=f"tta_{name}")(x)
             x = layers.Resizing(size, size, interpolation="bilinear", name=f"tta_{name}_resize")(x)
         outputs.append(model(x))
-    return keras.Model(inputs, layers.Average(name="tta_mean")(outputs), name=f"{model.name}_tta")
+    return keras.Model(inputs, layers.Average(name=TTA_OUTPUT)(outputs), name=f"{model.name}_tta")
 
 
 def build_model(variant: VariantParams, params: Params) -> keras.Model:

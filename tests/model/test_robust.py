@@ -120,3 +120,12 @@ def test_modern_trains_with_every_option_on_and_saves(tmp_path):
 def test_bad_robustness_options_fail_cleanly(extra, message):
     with pytest.raises(CxrError, match=message):
         modern_with(**extra)
+
+
+def test_gradcam_explains_a_tta_model_through_its_identity_view():
+    from cxr.gradcam import gradcam
+
+    params = tiny_params()
+    model = build_model(params.variant("modern"), params)
+    x = tiny_split(n=1).x.astype("float32")
+    np.testing.assert_allclose(gradcam(tta_model(model), x), gradcam(model, x))
