@@ -83,7 +83,8 @@ def final_labels(loaded: Any, probs: np.ndarray, feats: np.ndarray, x: np.ndarra
 def export_litert(loaded: Any, x: np.ndarray, tolerance: float = 1e-4) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
     """Convert a Keras `LoadedModel` and check it on the images `x` through the runtime's own
     loader: (flatbuffer, the .tflite.json record, parity figures). CxrError when any probability
-    differs by more than `tolerance` (params.yaml export.tolerance) or any class at the threshold differs. The gate's final
+    differs by more than `tolerance` (params.yaml export.tolerance) or any class at the threshold differs, except for
+    images whose probability lies within `tolerance` of the threshold (counted). The gate's final
     labels are compared and reported, not enforced: where the penultimate features are nearly
     constant (an untrained or collapsed model) the Mahalanobis score is float32 noise, and no
     runtime reproduces noise."""
@@ -104,6 +105,9 @@ def export_litert(loaded: Any, x: np.ndarray, tolerance: float = 1e-4) -> tuple[
         lite_p, lite_f = runtime.LiteModel.load(Path(tmp) / "m.keras", loaded.image_size).run(x)
     diff = np.abs(lite_p - keras_p)
     same_class = (lite_p >= loaded.threshold) == (keras_p >= loaded.threshold)
+    # A probability within `tolerance` of the threshold may cross it by float rounding alone: such
+    # a flip is recorded, not refused (the run that found it: 1 of 1,148 images at |dp| 3e-6).
+    borderline = np.abs(keras_p - loaded.threshold) <= tolerance
     same_label = np.array([a == b for a, b in zip(final_labels(loaded, keras_p, keras_f, x), final_labels(loaded, lite_p, lite_f, x))])
     parity = {
         "format": runtime.FORMAT,
@@ -111,15 +115,17 @@ def export_litert(loaded: Any, x: np.ndarray, tolerance: float = 1e-4) -> tuple[
         "max_abs_probability_diff": float(diff.max()),
         "max_rel_feature_diff": float(np.max(np.abs(lite_f - keras_f)) / max(1e-12, float(np.max(np.abs(keras_f))))),
         "class_agreement": float(same_class.mean()),
+        "borderline_class_flips": int((~same_class & borderline).sum()),
         "label_agreement": float(same_label.mean()),
         "tolerance": tolerance,
         "gate": loaded.gate is not None,
         "size_mb": round(len(blob) / 1e6, 3),
         "convert_s": round(convert_s, 2),
     }
-    if diff.max() > tolerance or not same_class.all():
+    flips = ~same_class & ~borderline
+    if diff.max() > tolerance or flips.any():
         raise CxrError(
-            f"{loaded.path}: the LiteRT export differs from Keras (max |dp| {diff.max():.2e}, {int((~same_class).sum())} class "
+            f"{loaded.path}: the LiteRT export differs from Keras (max |dp| {diff.max():.2e}, {int(flips.sum())} class "
             f"disagreements on {len(x)} images); nothing written"
         )
     return blob, {**record, "parity": parity}, parity

@@ -7,7 +7,8 @@ The exported model gives the probability and the OOD gate's features in one pass
 the threshold, size and resize mode stay in the sidecar, the gate and refer band in
 models/VARIANT.ood.npz, both read by the runtime as by Keras. Parity is checked on every
 validation and test image before anything is written: probabilities within `export.tolerance` (1e-4) of Keras and
-the same class at the threshold; the share of final labels (gate included) that agree is
+the same class at the threshold (a probability within the tolerance of the threshold may flip:
+counted as `borderline_class_flips`); the share of final labels (gate included) that agree is
 recorded (no test label is read).
 """
 

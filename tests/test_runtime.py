@@ -139,3 +139,25 @@ def test_cxr_predict_with_the_export_never_imports_tensorflow(exported, tmp_path
 def test_runtime_path_names():
     assert runtime.lite_path("models/a.keras") == Path("models/a.tflite")
     assert runtime.lite_meta_path("models/a_cv.keras") == Path("models/a_cv.tflite.json")
+
+
+def test_export_counts_a_class_flip_at_the_threshold_within_tolerance(exported, monkeypatch):
+    """An image whose probability sits on the threshold may change class by float rounding alone:
+    counted, not refused; the same flip farther from the threshold than the tolerance is refused."""
+    import dataclasses
+
+    import cxr.export
+
+    loaded = load_model(exported, runtime="keras")
+    x = images(8)
+    real = cxr.export.keras_outputs
+    p = real(loaded.model, x)[0]
+    assert np.ptp(p) > 1e-3  # the images' probabilities differ, so only image 0 sits on the threshold
+    shift = np.where(np.arange(len(x)) == 0, 2e-6, 0.0)
+    monkeypatch.setattr(cxr.export, "keras_outputs", lambda m, x: (real(m, x)[0] - shift, real(m, x)[1]))
+    # LiteRT above the threshold, "Keras" below it
+    on_edge = dataclasses.replace(loaded, meta=dataclasses.replace(loaded.meta, threshold=float(p[0]) - 1e-6))
+    _, _, parity = export_litert(on_edge, x)
+    assert parity["borderline_class_flips"] == 1 and parity["class_agreement"] == 7 / 8
+    with pytest.raises(CxrError, match=r"1 class disagreements on 8 images"):
+        export_litert(on_edge, x, tolerance=5e-6 / 10)
