@@ -3,10 +3,10 @@
     .venv/bin/python bench/bench_fetch.py [--repeats 3]     # → table on stdout, bench/results/fetch.json
 
 Builds a synthetic archive in the Mendeley v3 layout whose OCT part is about 6× the chest_xray
-part (cxr/testing/synth.py), serves it from a loopback HTTP server (cxr/testing/httpserver.py) once with
-Range support and once without, and fetches it with `cxr.fetch.fetch` both ways. A third row
-("fsspec") runs the same archive logic (`cxr.archive.extract_zip`) over fsspec's HTTP file
-(cache "bytes", 5 MiB blocks), the library transport cxr.transport is measured against. Reports
+part (testkit/synth.py), serves it from a loopback HTTP server (testkit/httpserver.py) once with
+Range support and once without, and fetches it with `cxr.data.fetch.fetch` both ways. A third row
+("fsspec") runs the same archive logic (`cxr.data.archive.extract_zip`) over fsspec's HTTP file
+(cache "bytes", 5 MiB blocks), the library transport cxr.data.transport is measured against. Reports
 the bytes transferred ÷ the compressed size of the chest_xray members (goal ≤ 1.05), the
 requests and the wall time of each way. Loopback has no latency or bandwidth limit, so the time saved on a real
 network is larger than measured here: there it scales with the bytes not sent.
@@ -25,10 +25,10 @@ from pathlib import Path
 import fsspec
 
 from common import write_result
-from cxr.archive import MB, extract_zip, open_zip
-from cxr.fetch import fetch
-from cxr.testing.httpserver import LoopbackServer
-from cxr.testing.synth import Counts, make_archive
+from cxr.data.archive import MB, extract_zip, open_zip
+from cxr.data.fetch import fetch
+from testkit.httpserver import LoopbackServer
+from testkit.synth import Counts, make_archive
 
 COUNTS = {"train": Counts(normal=30, bacteria=30, virus=20, images_per_patient=2), "test": Counts(normal=10, bacteria=8, virus=6, images_per_patient=2)}
 IMAGE_SIZE = (384, 352)
@@ -50,7 +50,7 @@ def build(folder: Path) -> tuple[Path, int, int]:
 
 
 def fsspec_fetch(url: str, dest: Path) -> None:
-    """cxr.archive's extraction over fsspec's HTTPFileSystem instead of cxr.transport."""
+    """cxr.data.archive's extraction over fsspec's HTTPFileSystem instead of cxr.data.transport."""
     fs = fsspec.filesystem("http", skip_instance_cache=True)
     with fs.open(url, "rb", block_size=FSSPEC_BLOCK, cache_type="bytes") as fh, open_zip(fh, url) as zf:
         extract_zip(zf, url, dest, 1024 * MB, progress=False)

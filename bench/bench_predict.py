@@ -5,7 +5,7 @@
 Without MODEL it uses models/<best>.keras named in metrics/summary.json; if there is none it
 builds an untrained MobileNetV2 (alpha 0.35, 224 px, weights=None) stand-in and says so.
 The LiteRT runtime uses models/<v>.tflite (stage export@<v>); without one the model is exported
-into a temporary folder first (cxr.export, the stage's own code, parity-checked).
+into a temporary folder first (cxr.serving.export, the stage's own code, parity-checked).
 Images are the full-resolution originals in ../shared/data/raw_sample, repeated to --images.
 Both runtimes are measured in the same run, so their ratios compare like with like.
 Prints a table and writes bench/results/predict.json. Goals (issue #14, for the runtime
@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from common import ROOT, STANDIN_SIZE, build_standin, children_cpu, sample_files, timed, write_result
-from cxr import ood, runtime
-from cxr.errors import run_main
-from cxr.inference import decode, load_images, load_model, predict_files
+from cxr.core.errors import run_main
+from cxr.evaluation import gate as ood
+from cxr.serving import runtime
+from cxr.serving.inference import decode, load_images, load_model, predict_files
 
 GOAL_COLD_S, GOAL_SINGLE_MS, GOAL_DECODE_RATIO = 1.0, 10.0, 0.8
 
@@ -59,7 +60,7 @@ def cold_start(model: Path, image: Path, repeats: int, runtime_name: str) -> tup
     CPU time is reported too because wall time on a shared machine mostly measures the others.
     """
     exe = Path(sys.executable).with_name("cxr")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cxr.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cxr.serving.cli"]
     cmd += ["predict", str(image), "--model", str(model), "--format", "json", "--runtime", runtime_name]
     walls, cpus = [], []
     for _ in range(repeats):
@@ -85,7 +86,7 @@ def exported_copy(model_path: Path, folder: Path) -> Path:
     """`model_path` itself when export@<v> wrote its .tflite, else a copy (with sidecar and gate) exported into `folder`."""
     if runtime.lite_path(model_path).is_file():
         return model_path
-    from cxr.export import export_litert, write_export
+    from cxr.serving.export import export_litert, write_export
 
     copy = folder / model_path.name
     for src in (model_path, model_path.with_suffix(".json"), ood.gate_path(model_path)):

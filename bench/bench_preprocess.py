@@ -7,7 +7,7 @@ temporary folder, repeated to --images files (real copies on disk, read once bef
 page cache is warm and equally fair to every method), and times, in alternation:
 
   decode_all                 stages/preprocess.decode_all with params.yaml's workers (2): the stage's own code
-  load_resized, 1 process    cxr.images.load_resized file after file (what one core does)
+  load_resized, 1 process    cxr.data.images.load_resized file after file (what one core does)
   plain PIL, 1 process       Image.open → convert('L') → resize to each size (bilinear, no draft)
   plain PIL, N processes     the same plain function inside decode_all's own Pool (load_resized swapped
                              for it), so the decoder is the only difference
@@ -16,7 +16,7 @@ Sizes are params.yaml's image sizes (every variant's image_size). Goal: decode_a
 --candidates adds a proposed change, timed in alternation with the real code (see decode_all_shared).
 --profile adds where the time goes: a cProfile of load_resized split into JPEG decode / resize /
 other, the Pool + pickling + assembly cost alone (decode_all with a worker that returns ready
-arrays), and the cost of writing the cache (cxr.cache.write_split).
+arrays), and the cost of writing the cache (cxr.data.cache.write_split).
 Prints a table and writes bench/results/preprocess.json.
 """
 
@@ -43,8 +43,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # decode_all's progress bar: no clut
 from PIL import Image  # noqa: E402
 
 import stages.preprocess as preprocess  # noqa: E402
-from cxr import params as cxr_params  # noqa: E402
-from cxr.images import load_resized  # noqa: E402
+from cxr.core import params as cxr_params  # noqa: E402
+from cxr.data.images import load_resized  # noqa: E402
 
 GOAL_IPS = 150.0
 
@@ -166,7 +166,7 @@ def write_cost(arrays: dict[int, np.ndarray], n: int) -> float:
     """Seconds to write the cache for these arrays with the stage's writer (one split per size)."""
     import pandas as pd
 
-    from cxr.cache import write_split
+    from cxr.data.cache import write_split
 
     rows = pd.DataFrame({"path": [f"f{i}" for i in range(n)], "label": ["NORMAL"] * n, "split": ["train"] * n})
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-write-") as tmp:
@@ -263,7 +263,7 @@ def main() -> int:
                 "pool_start_and_stop_s": round(pool_s, 3),
                 "bytes_per_image": int(sum(s * s for s in sizes)),
             }
-            result["write"] = {"what": "cxr.cache.write_split of every size (np.save + csv, fsync)", "ms_per_image": round(1000 * write_s / n, 3)}
+            result["write"] = {"what": "cxr.data.cache.write_split of every size (np.save + csv, fsync)", "ms_per_image": round(1000 * write_s / n, 3)}
 
     result["machine_before"] = before
     after = machine_info()

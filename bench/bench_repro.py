@@ -6,7 +6,7 @@ Which project it measures (stated in the output and the JSON as "project"):
   real  when dvc.lock exists in the project root and `dvc status` there is clean: `dvc repro`
         is timed in place (it has nothing to do, so it changes nothing; rechecked before each run).
   tiny  otherwise: a throw-away git+DVC project in a temp folder, the tests' tiny_pipeline
-        (cxr.testing.pipeline.build_tiny_pipeline: synthetic archive, every variant at a few dozen px for
+        (testkit.pipeline.build_tiny_pipeline: synthetic archive, every variant at a few dozen px for
         1 epoch), fully reproduced once, then timed. Its data folders hold a few dozen files, so hashing costs less than in
         the real project with ~5,900 images: read it as a lower bound.
 
@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from common import ROOT, children_cpu, machine_info, machine_line, median, table, write_result
-from cxr.testing.pipeline import DVC, CommandError, build_tiny_pipeline, sh
+from testkit.pipeline import DVC, CommandError, build_tiny_pipeline, sh
 
 GOAL_NOOP_S = 3.0
 
@@ -65,7 +65,7 @@ def real_project_clean() -> tuple[bool, str]:
 
 
 def build_tiny(folder: Path) -> tuple[Path, float]:
-    """The tests' tiny pipeline (cxr.testing.pipeline.build_tiny_pipeline), reproduced once."""
+    """The tests' tiny pipeline (testkit.pipeline.build_tiny_pipeline), reproduced once."""
     start = time.perf_counter()
     work, _ = build_tiny_pipeline(folder)
     return work, time.perf_counter() - start

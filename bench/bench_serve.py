@@ -76,7 +76,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def bad_uploads(folder: Path, sample: bytes) -> dict[str, tuple[dict[str, Any], int]]:
     """kind → (post_file kwargs, expected status)."""
-    from cxr.testing.dicomfiles import write_dicom
+    from testkit.dicomfiles import write_dicom
 
     sr = write_dicom(folder / "sr.dcm", np.full((64, 64), 128, np.uint8), SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", Modality="SR", PixelData=None)
     return {
@@ -92,7 +92,7 @@ def bad_uploads(folder: Path, sample: bytes) -> dict[str, tuple[dict[str, Any], 
 
 def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "cxr.cli", "serve", "--model", str(model), "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB)]
+    cmd = [sys.executable, "-m", "cxr.serving.cli", "serve", "--model", str(model), "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB)]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while True:
@@ -113,7 +113,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def screenshot(url: str, image: Path, want: dict[str, Any]) -> dict[str, Any]:
     """Upload `image` through the page in headless Chromium; save the screenshot."""
-    from cxr.testing.serveapp import chromium_paths, headless_chromium, upload_in_page
+    from testkit.serveapp import chromium_paths, headless_chromium, upload_in_page
 
     if chromium_paths() is None:
         return {"taken": False, "why": "chromium/chromedriver not on PATH"}
@@ -134,9 +134,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.requests = 300
-    from cxr.inference import load_model, predict_files
-    from cxr.runtime import sha256_file
-    from cxr.testing.serveapp import post_file
+    from cxr.core.provenance import sha256_file
+    from cxr.serving.inference import load_model, predict_files
+    from testkit.serveapp import post_file
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
     folder = Path(tmp.name)

@@ -13,12 +13,13 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from cxr.core.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -46,18 +47,6 @@ def load_average() -> list[float]:
         return []
 
 
-def git_commit(root: Path = ROOT) -> str | None:
-    """HEAD's commit, with '+dirty' when the working tree differs from it (read-only git calls)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=30)
-        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def machine_info() -> dict[str, Any]:
     """What a reader needs to judge a timing: cores, CPU, load, versions, commit, time."""
     info: dict[str, Any] = {
@@ -67,7 +56,7 @@ def machine_info() -> dict[str, Any]:
         "load_average_1_5_15": load_average(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(ROOT),
         "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     try:
@@ -128,7 +117,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | No
 
 def write_result(name: str, data: dict[str, Any], machine: dict[str, Any] | None = None) -> Path:
     """bench/results/<name>.json (atomic), with the machine facts under "machine"."""
-    from cxr.io import write_json
+    from cxr.core.io import write_json
 
     path = RESULTS / f"{name}.json"
     write_json(path, {**data, "machine": machine or machine_info()})
@@ -148,7 +137,7 @@ def build_standin(folder: Path) -> tuple[Path, str]:
     import numpy as np
     from keras import layers
 
-    from cxr.sidecar import Sidecar, ValSummary
+    from cxr.model.sidecar import Sidecar, ValSummary
 
     keras.utils.set_random_seed(0)
     cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"

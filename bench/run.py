@@ -155,16 +155,16 @@ def rows_serve(r: dict[str, Any]) -> list[Row]:
 
 
 def variant_names() -> list[str]:
-    """Every model of the default pipeline: the variants and the k-fold ensembles (cxr.params)."""
-    from cxr import params as cxr_params
+    """Every model of the default pipeline: the variants and the k-fold ensembles (cxr.core.params)."""
+    from cxr.core import params as cxr_params
 
     return cxr_params.load(ROOT / "params.yaml").model_names
 
 
 def read_sidecar(name: str) -> Any:
-    """models/<name>.json through cxr.sidecar (its one reader), or None when not trained yet."""
-    from cxr import sidecar
-    from cxr.errors import CxrError
+    """models/<name>.json through cxr.model.sidecar (its one reader), or None when not trained yet."""
+    from cxr.core.errors import CxrError
+    from cxr.model import sidecar
 
     try:
         return sidecar.read(ROOT / "models" / f"{name}.keras")
@@ -384,7 +384,7 @@ def main() -> int:
         "rows": rows,
         "benchmarks": {rec["name"]: {k: v for k, v in rec.items() if k not in ("name", "rows")} for rec in records},
     }
-    from cxr.io import write_json
+    from cxr.core.io import write_json
 
     write_json(RESULTS / "summary.json", summary)
     print(f"wrote {(RESULTS / 'summary.json').relative_to(ROOT)}")

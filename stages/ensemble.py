@@ -14,10 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cxr import params as cxr_params
-from cxr.errors import CxrError, run_main
-from cxr.io import write_json
-from cxr.params import ENSEMBLE_SUFFIX
+from cxr.core import params as cxr_params
+from cxr.core.errors import CxrError, run_main
+from cxr.core.io import write_json
+from cxr.core.params import ENSEMBLE_SUFFIX
 
 
 def main() -> int:
@@ -27,12 +27,12 @@ def main() -> int:
     params = cxr_params.load()
     if name not in params.cv.variants:
         raise CxrError(f"'{name}' is not in params.yaml cv.variants {params.cv.variants}")
-    from cxr.ensemble import build_ensemble
-    from cxr.folds import fold_paths, read_oof
-    from cxr.inference import load_model
-    from cxr.metrics import binary_metrics
-    from cxr.stress import stress_summary
-    from cxr.training import save_result
+    from cxr.evaluation.metrics import binary_metrics
+    from cxr.evaluation.stress import stress_summary
+    from cxr.model.ensemble import build_ensemble
+    from cxr.model.folds import fold_paths, read_oof
+    from cxr.model.training import save_result
+    from cxr.serving.inference import load_model
 
     folds = [fold_paths(name, k) for k in params.cv.folds]
     oof = read_oof([oof_path for _, _, oof_path in folds])

@@ -16,14 +16,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cxr import params as cxr_params
-from cxr.cache import cache_dir, load_split
-from cxr.errors import CxrError, run_main
-from cxr.folds import fold_paths, read_oof
-from cxr.inference import load_model, predict_arrays
-from cxr.io import atomic_file, write_json
-from cxr.metrics import calibration_report, evaluate_probabilities, specificity_by_series
-from cxr.params import ENSEMBLE_SUFFIX
+from cxr.core import params as cxr_params
+from cxr.core.errors import CxrError, run_main
+from cxr.core.io import atomic_file, write_json
+from cxr.core.params import ENSEMBLE_SUFFIX
+from cxr.data.cache import cache_dir, load_split
+from cxr.evaluation.metrics import calibration_report, evaluate_probabilities, specificity_by_series
+from cxr.model.folds import fold_paths, read_oof
+from cxr.serving.inference import load_model, predict_arrays
 
 
 def main() -> int:

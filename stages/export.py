@@ -3,7 +3,7 @@
     python stages/export.py VARIANT     # (dvc repro export@VARIANT) → models/VARIANT.tflite, .tflite.json,
                                         #   metrics/VARIANT_export.json
 
-The exported model gives the probability and the OOD gate's features in one pass (cxr.export);
+The exported model gives the probability and the OOD gate's features in one pass (cxr.serving.export);
 the threshold, size and resize mode stay in the sidecar, the gate and refer band in
 models/VARIANT.ood.npz, both read by the runtime as by Keras. Parity is checked on every
 validation and test image before anything is written: probabilities within `export.tolerance` (1e-4) of Keras and
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cxr import params as cxr_params
-from cxr.cache import cache_dir, load_split
-from cxr.errors import run_main
-from cxr.export import export_litert, write_export
-from cxr.inference import load_model
-from cxr.io import write_json
+from cxr.core import params as cxr_params
+from cxr.core.errors import run_main
+from cxr.core.io import write_json
+from cxr.data.cache import cache_dir, load_split
+from cxr.serving.export import export_litert, write_export
+from cxr.serving.inference import load_model
 
 
 def main() -> int:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxr import params as cxr_params
-from cxr.errors import run_main
-from cxr.fetch import MB, fetch
+from cxr.core import params as cxr_params
+from cxr.core.errors import run_main
+from cxr.data.fetch import MB, fetch
 
 RAW = Path("data/raw")
 

@@ -3,10 +3,10 @@
     python stages/ood.py VARIANT     # (dvc repro ood@VARIANT) → models/VARIANT.ood.npz, metrics/VARIANT_ood.json,
                                      #   plots/VARIANT/risk_coverage.csv
 
-The gate is fitted on the training images only and thresholded on validation (cxr.ood); the
+The gate is fitted on the training images only and thresholded on validation (cxr.evaluation.gate); the
 refer band is set on the validation probabilities. Test labels are used only to report the
 risk–coverage curve. Every measured image goes through a file and `cxr predict`'s own path
-(`cxr.inference.predict_files`): the official test X-rays (their false-flag rate) and each family
+(`cxr.serving.inference.predict_files`): the official test X-rays (their false-flag rate) and each family
 of things that are not chest X-rays, written as files here (seeded synthetic images, scikit-learn's
 sample photos, transformed validation X-rays).
 """
@@ -22,16 +22,17 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from cxr import ood
-from cxr import params as cxr_params
-from cxr.cache import cache_dir, load_split
-from cxr.constants import UNCERTAIN
-from cxr.errors import CxrError, run_main
-from cxr.folds import fold_paths, read_oof
-from cxr.forward import forward_arrays, predict_arrays
-from cxr.inference import load_model, predict_files
-from cxr.io import atomic_file, write_json
-from cxr.params import ENSEMBLE_SUFFIX
+from cxr.core import params as cxr_params
+from cxr.core.constants import UNCERTAIN
+from cxr.core.errors import CxrError, run_main
+from cxr.core.io import atomic_file, write_json
+from cxr.core.params import ENSEMBLE_SUFFIX
+from cxr.data.cache import cache_dir, load_split
+from cxr.evaluation import gate as ood
+from cxr.evaluation import ood_families, selective
+from cxr.model.folds import fold_paths, read_oof
+from cxr.model.forward import forward_arrays, predict_arrays
+from cxr.serving.inference import load_model, predict_files
 
 COVERAGE = 0.9  # the README's "at 90% coverage" figures (besides the band's own)
 
@@ -74,20 +75,20 @@ def main() -> int:
     test_scores = np.array([p.ood_score for p in test_pred])
     test_flagged = np.array([p.ood for p in test_pred])
     rng = np.random.default_rng(params.seed)
-    families = ood.synthetic_families(rng, params.ood.family_size)
-    families.update(ood.xray_families(val.x))
+    families = ood_families.synthetic_families(rng, params.ood.family_size)
+    families.update(ood_families.xray_families(val.x))
     results = {}
     with tempfile.TemporaryDirectory(prefix="cxr-ood-") as tmp:
         for family, images in families.items():
-            paths = ood.write_family(images, Path(tmp) / family, "jpg" if family.startswith("photos") else "png")
+            paths = ood_families.write_family(images, Path(tmp) / family, "jpg" if family.startswith("photos") else "png")
             preds = predict_files(paths, gated)
             results[family] = family_result(np.array([p.ood_score for p in preds]), np.array([p.ood for p in preds]), test_scores)
 
     # The refer band on test (labels used only to report), and the risk–coverage curve.
     y = test.y
     p = np.array([r.probability for r in test_pred])
-    curve = ood.risk_coverage(y, p, loaded.threshold)
-    band = ood.answered(p, gate.refer_low, gate.refer_high)
+    curve = selective.risk_coverage(y, p, loaded.threshold)
+    band = selective.answered(p, gate.refer_low, gate.refer_high)
     metrics = {
         "method": "image checks + max(Mahalanobis on penultimate features, Mahalanobis on 16x16 thumbnails, view check: logistic regression on 16x16 thumbnails vs rotated/flipped/inverted/corner-cropped training copies), each scaled by its validation quantile, fitted on train",
         "threshold": gate.threshold,
@@ -104,11 +105,11 @@ def main() -> int:
             "high": gate.refer_high,
             "target_coverage": params.predict.refer_coverage,
             "val_coverage": gate.meta["val_coverage"],
-            "test": ood.answered_metrics(y, p, loaded.threshold, band),
+            "test": selective.answered_metrics(y, p, loaded.threshold, band),
             "test_uncertain": int(sum(r.label == UNCERTAIN for r in test_pred)),
         },
-        "at_coverage_0.9": ood.at_coverage(y, p, loaded.threshold, COVERAGE),
-        "full_coverage": ood.answered_metrics(y, p, loaded.threshold, np.ones(len(y), bool)),
+        "at_coverage_0.9": selective.at_coverage(y, p, loaded.threshold, COVERAGE),
+        "full_coverage": selective.answered_metrics(y, p, loaded.threshold, np.ones(len(y), bool)),
     }
     gate = replace(gate, meta={**gate.meta, "test_false_flag_rate": metrics["test_false_flag_rate"]})
     gate.save(ood.gate_path(model_path))

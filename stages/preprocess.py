@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from cxr import params as cxr_params
-from cxr.cache import write_split
-from cxr.constants import SPLITS
-from cxr.errors import CxrError, run_main
-from cxr.images import load_resized
-from cxr.io import atomic_dir
+from cxr.core import params as cxr_params
+from cxr.core.constants import SPLITS
+from cxr.core.errors import CxrError, run_main
+from cxr.core.io import atomic_dir
+from cxr.data.cache import write_split
+from cxr.data.images import load_resized
 
 MANIFEST = Path("data/split/manifest.csv")
 OUT = Path("data/processed")

@@ -8,11 +8,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cxr import figures as cxr_figures
-from cxr import params as cxr_params
-from cxr import report
-from cxr.errors import run_main
-from cxr.io import atomic_dir, atomic_file, write_json
+from cxr.core import params as cxr_params
+from cxr.core.errors import run_main
+from cxr.core.io import atomic_dir, atomic_file, write_json
+from cxr.core.provenance import git_commit
+from cxr.evaluation import figures as cxr_figures
+from cxr.evaluation import report
 
 FIGURES = Path("plots/figures")
 
@@ -48,7 +49,7 @@ def main() -> int:
                 val_fraction=params.split.val_fraction,
                 figures=figures,
                 notes=notes,
-                commit=report.git_commit(),
+                commit=git_commit(short=True) or "unknown",
                 machine=report.machine(),
                 source=params.fetch.source,
                 ood=ood,

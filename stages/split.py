@@ -5,19 +5,20 @@ python stages/split.py        # (dvc repro split) data/raw → data/split/{manif
 
 from __future__ import annotations
 
-import hashlib
 from multiprocessing import Pool
 from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
-from cxr import dataset
-from cxr import params as cxr_params
-from cxr.constants import SPLITS
-from cxr.errors import run_main
-from cxr.images import DRAFT_MIN_SIDE, ImageError, open_image
-from cxr.io import atomic_file, write_json
+from cxr.core import params as cxr_params
+from cxr.core.constants import SPLITS
+from cxr.core.errors import run_main
+from cxr.core.io import atomic_file, write_json
+from cxr.core.provenance import sha256_file
+from cxr.data import dataset
+from cxr.data.images import DRAFT_MIN_SIDE, open_image
+from cxr.data.pixels import ImageError
 
 RAW = Path("data/raw")
 OUT = Path("data/split")
@@ -39,7 +40,7 @@ def sha256s(rows: pd.DataFrame) -> list[str]:
     if listed.exists():
         table = pd.read_csv(listed, dtype=str)
         known = {(RAW / p).as_posix(): h for p, h in zip(table["path"], table["sha256"])}
-    return [known.get(p) or hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in rows["path"]]
+    return [known.get(p) or sha256_file(p) for p in rows["path"]]
 
 
 def main() -> int:

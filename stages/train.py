@@ -9,7 +9,7 @@ decision threshold follows train.threshold_rule on validation with the restored 
 With --fold K the model trains on every official-train image outside fold K (split.folds),
 is validated and early-stopped on fold K, and writes fold K's out-of-fold probabilities
 (path,label,fold,probability and p_<shift> under each stress shift) for `stages/ensemble.py`.
-Without --fold, the validation images' figures under the stress shifts (cxr.stress) go to
+Without --fold, the validation images' figures under the stress shifts (cxr.evaluation.stress) go to
 metrics/VARIANT_stress.json.
 
 With train.distribute: multi_worker, run the same command on every machine of TF_CONFIG's
@@ -23,11 +23,11 @@ import time
 
 import pandas as pd
 
-from cxr import params as cxr_params
-from cxr.cache import cache_dir, fold_split, load_split, official_train
-from cxr.errors import CxrError, run_main
-from cxr.folds import fold_paths
-from cxr.io import atomic_dir, atomic_file, write_json
+from cxr.core import params as cxr_params
+from cxr.core.errors import CxrError, run_main
+from cxr.core.io import atomic_dir, atomic_file, write_json
+from cxr.data.cache import cache_dir, fold_split, load_split, official_train
+from cxr.model.folds import fold_paths
 
 
 def main() -> int:
@@ -41,9 +41,9 @@ def main() -> int:
     if args.fold is not None and (name not in params.cv.variants or args.fold not in params.cv.folds):
         raise CxrError(f"--fold {args.fold} for {name}: params.yaml cv.variants {params.cv.variants} and cv.folds {params.cv.folds} must include them")
     # TensorFlow loads only once params.yaml is known to be good: a bad value fails in a second.
-    from cxr.distribute import cluster_errors, get_strategy, is_chief, output_root, task_of
-    from cxr.stress import stress_summary
-    from cxr.training import save_result, train_variant
+    from cxr.evaluation.stress import stress_summary
+    from cxr.model.distribute import cluster_errors, get_strategy, is_chief, output_root, task_of
+    from cxr.model.training import save_result, train_variant
 
     start = time.perf_counter()
     folder = cache_dir("data/processed", variant.image_size)

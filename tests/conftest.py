@@ -1,5 +1,5 @@
 """Shared fixtures; the synthetic data, loopback servers and tiny-pipeline builder they use live in
-cxr/testing/ (the benchmarks use them too)."""
+testkit/ (the benchmarks use them too)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr.testing.pipeline import DVC, ROOT, build_tiny_pipeline, sh
+from testkit.pipeline import DVC, ROOT, build_tiny_pipeline, sh
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # ImageNet weights for the small MobileNets, offline (see ../shared/README.md).
@@ -35,7 +35,7 @@ class TinyPipeline:
 
     @property
     def params_trace(self) -> Path:
-        """What each stage of the first run read of params.yaml (cxr.params, CXR_PARAMS_TRACE)."""
+        """What each stage of the first run read of params.yaml (cxr.core.params, CXR_PARAMS_TRACE)."""
         return self.origin.parent / "params_trace.tsv"
 
     def clone(self, dest: Path, checkout: bool = True) -> Path:

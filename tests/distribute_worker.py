@@ -26,20 +26,20 @@ def main() -> int:
     project, variant_name, report = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]).resolve()
     sys.path.insert(0, str(ROOT))
     os.chdir(project)
-    import cxr.training
-    from cxr import params as cxr_params
-    from cxr.distribute import get_strategy, global_batch_size, is_chief, task_of
+    import cxr.model.training
+    from cxr.core import params as cxr_params
+    from cxr.model.distribute import get_strategy, global_batch_size, is_chief, task_of
 
     seen: dict[str, Any] = {}
-    train_variant = cxr.training.train_variant
+    train_variant = cxr.model.training.train_variant
 
-    def recording(*args: Any, **kwargs: Any) -> cxr.training.TrainResult:
+    def recording(*args: Any, **kwargs: Any) -> cxr.model.training.TrainResult:
         result = train_variant(*args, **kwargs)
         seen.update(history=result.history, meta=result.meta.to_dict())
         return result
 
-    # The stage imports train_variant from cxr.training when main() runs, so it gets this one.
-    cxr.training.train_variant = recording
+    # The stage imports train_variant from cxr.model.training when main() runs, so it gets this one.
+    cxr.model.training.train_variant = recording
     spec = importlib.util.spec_from_file_location("train_stage", ROOT / "stages" / "train.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.cli import cli, collect_images, gradcam_names, main
-from cxr.images import load_resized
-from cxr.inference import load_model, predict_arrays
+from cxr.data.images import load_resized
+from cxr.serving.cli import cli, collect_images, gradcam_names, main
+from cxr.serving.inference import load_model, predict_arrays
 from test_inference import SIZE, probe_model, save_model, sidecar, xray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_gate_beside_the_model_labels_out_of_distribution_and_uncertain(tmp_path
     OUT_OF_DISTRIBUTION, X-ray-like pictures get a score, and --strict turns OOD into exit 1."""
     from sklearn.datasets import load_sample_images
 
-    from cxr import ood
+    from cxr.evaluation import gate as ood
 
     model = probe_model(seed=2)
     path = save_model(model, tmp_path / "models" / "gamma.keras", sidecar(threshold=0.5, variant="gamma"))
@@ -141,7 +141,7 @@ def cached(img: np.ndarray, folder: Path) -> np.ndarray:
 
 
 def predict_features(features, x: np.ndarray) -> np.ndarray:
-    from cxr.inference import forward_arrays
+    from cxr.serving.inference import forward_arrays
 
     return forward_arrays(features, x)
 
@@ -227,11 +227,11 @@ def test_gradcam_writes_one_png_per_image(project, images, tmp_path, capsys, mon
     Image.fromarray(xray(5)).save(twin)
     (tmp_path / "in" / "bad.png").write_bytes(b"")
     out_dir = tmp_path / "cams"
-    import cxr.images
+    import cxr.data.images
 
     decoded = []
-    real_open = cxr.images.open_image
-    monkeypatch.setattr(cxr.images, "open_image", lambda path, *a, **k: decoded.append(str(path)) or real_open(path, *a, **k))
+    real_open = cxr.data.images.open_image
+    monkeypatch.setattr(cxr.data.images, "open_image", lambda path, *a, **k: decoded.append(str(path)) or real_open(path, *a, **k))
     status, out, err = run(["predict", str(tmp_path / "in"), "--gradcam", str(out_dir), "--format", "json"], capsys)
     assert status == 1  # bad.png
     assert len(decoded) == len(set(decoded)) == 5, "each file is decoded once, Grad-CAM included"
@@ -257,11 +257,13 @@ def test_gradcam_names_are_unique():
 def test_python_dash_m_runs_and_hides_the_traceback(tmp_path, images):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CXR_DEBUG": "0"}
-    proc = subprocess.run([sys.executable, "-m", "cxr.cli", "predict", str(images[0])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr.serving.cli", "predict", str(images[0])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert "error: " in proc.stderr and "summary.json not found" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "predict", str(images[0]), "--verbose"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cxr.serving.cli", "predict", str(images[0]), "--verbose"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 

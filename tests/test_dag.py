@@ -8,6 +8,7 @@ stage that imports it.
 from __future__ import annotations
 
 import ast
+import graphlib
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cxr.testing.pipeline import DVC, ROOT, sh
+from testkit.pipeline import DVC, ROOT, sh
 
 PACKAGE = "cxr"
 
@@ -49,7 +50,7 @@ def direct_imports(path: Path, root: Path) -> set[Path]:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from cxr import report` imports the module cxr.report; `from cxr.x import y` imports cxr.x
+            # `from cxr import report` imports the module cxr.evaluation.report; `from cxr.x import y` imports cxr.x
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
             module = _module_file(name, root)
@@ -60,7 +61,8 @@ def direct_imports(path: Path, root: Path) -> set[Path]:
 
 def project_imports(script: Path, root: Path = ROOT) -> set[str]:
     """Every project module `script` imports, transitively, as paths relative to `root`.
-    cxr/__init__.py is left out: it holds only the version (test below), so editing it changes no output."""
+    The packages' __init__.py files are left out: they hold only docstrings and the version (test
+    below), so editing one changes no output."""
     seen: set[Path] = set()
     todo = [script]
     while todo:
@@ -68,7 +70,7 @@ def project_imports(script: Path, root: Path = ROOT) -> set[str]:
             if module not in seen:
                 seen.add(module)
                 todo.append(module)
-    return {p.relative_to(root).as_posix() for p in seen} - {f"{PACKAGE}/__init__.py"}
+    return {p.relative_to(root).as_posix() for p in seen if p.name != "__init__.py"}
 
 
 def stage_bodies(root: Path = ROOT) -> dict[str, dict]:
@@ -81,12 +83,47 @@ def script_of(body: dict) -> str:
     return body["cmd"].split()[1]
 
 
-def test_package_init_holds_no_code():
-    tree = ast.parse((ROOT / PACKAGE / "__init__.py").read_text())
+@pytest.mark.parametrize("init", sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / PACKAGE).rglob("__init__.py")))
+def test_package_inits_hold_no_code(init):
+    tree = ast.parse((ROOT / init).read_text())
     for node in tree.body:
         is_doc = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
         is_version = isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["__version__"]
-        assert is_doc or is_version, "cxr/__init__.py is no stage's dependency: keep code out of it"
+        assert is_doc or is_version, f"{init} is no stage's dependency: keep code out of it"
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module → the project modules it imports (lazy imports too), as paths relative to `root`."""
+    modules = sorted((root / PACKAGE).rglob("*.py"))
+    return {
+        m.relative_to(root).as_posix(): {d.relative_to(root).as_posix() for d in direct_imports(m, root)} - {m.relative_to(root).as_posix()} for m in modules
+    }
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` (its modules in order), or None when there is none."""
+    try:
+        list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        return list(exc.args[1])
+    return None
+
+
+def test_package_has_no_import_cycle():
+    cycle = import_cycle({k: {d for d in v if not d.endswith("__init__.py")} for k, v in import_graph().items()})
+    assert cycle is None, f"import circle: {' -> '.join(cycle)}; move what both need into a module below them"
+
+
+def test_cycle_finder_finds_a_lazy_import_circle(tmp_path):
+    (tmp_path / PACKAGE).mkdir()
+    (tmp_path / PACKAGE / "__init__.py").write_text("")
+    (tmp_path / PACKAGE / "a.py").write_text("from cxr.b import x\n")
+    (tmp_path / PACKAGE / "b.py").write_text("def f():\n    from cxr.a import y\n")
+    (tmp_path / PACKAGE / "c.py").write_text("import cxr.a\n")
+    graph = import_graph(tmp_path)
+    assert set(import_cycle(graph)) >= {"cxr/a.py", "cxr/b.py"}
+    del graph["cxr/b.py"]
+    assert import_cycle(graph) is None
 
 
 @pytest.mark.parametrize("stage", sorted(stage_bodies()))
@@ -118,7 +155,7 @@ def _stage_of_command(root: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_every_params_key_a_stage_reads_is_declared(tiny_pipeline):
-    """Run with CXR_PARAMS_TRACE (see cxr.params), every stage recorded the keys it read."""
+    """Run with CXR_PARAMS_TRACE (see cxr.core.params), every stage recorded the keys it read."""
     work = tiny_pipeline.origin
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     by_command = _stage_of_command(work)
@@ -165,11 +202,11 @@ def test_threshold_was_chosen_on_what_cxr_predict_gives(tiny_pipeline, variant):
     features, yet its threshold too must come from the composed model's own output)."""
     import pandas as pd
 
-    from cxr import sidecar
-    from cxr.cache import load_split
-    from cxr.inference import load_model
-    from cxr.metrics import binary_metrics, choose_threshold
-    from cxr.stress import stress_probabilities
+    from cxr.data.cache import load_split
+    from cxr.evaluation.metrics import binary_metrics, choose_threshold
+    from cxr.evaluation.stress import stress_probabilities
+    from cxr.model import sidecar
+    from cxr.serving.inference import load_model
 
     work = tiny_pipeline.origin
     meta = sidecar.read(work / "models" / f"{variant}.keras")

@@ -1,4 +1,4 @@
-"""Pure functions of cxr.dataset: name parsing, splits, duplicates, manifest invariants."""
+"""Pure functions of cxr.data.dataset: name parsing, splits, duplicates, manifest invariants."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr import dataset
-from cxr.errors import CxrError
+from cxr.core.errors import CxrError
+from cxr.data import dataset
 
 
 @pytest.mark.parametrize(
@@ -152,7 +152,7 @@ def test_val_fraction_outside_unit_interval_is_refused():
 
 
 def test_scan_reads_the_tree(tmp_path):
-    from cxr.testing.synth import write_tree
+    from testkit.synth import write_tree
 
     write_tree(tmp_path / "raw", naming="mendeley")
     table = dataset.scan(tmp_path / "raw", rel_to=tmp_path)

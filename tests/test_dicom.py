@@ -1,4 +1,4 @@
-"""DICOM through the one image path (cxr.images → cxr.dicom), and no patient data in any output.
+"""DICOM through the one image path (cxr.data.images → cxr.data.dicom), and no patient data in any output.
 
 .venv/bin/pytest tests/test_dicom.py
 """
@@ -21,10 +21,11 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import JPEGLosslessSV1, RLELossless
 
-from cxr.cli import cli, collect_images
-from cxr.images import ImageError, load_resized, open_image
-from cxr.testing.dicomfiles import PHI, write_dicom
+from cxr.data.images import load_resized, open_image
+from cxr.data.pixels import ImageError
+from cxr.serving.cli import cli, collect_images
 from test_inference import SIZE, probe_model, save_model, sidecar, xray
+from testkit.dicomfiles import PHI, write_dicom
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_SAMPLE = ROOT.parent / "shared" / "data" / "raw_sample"
@@ -286,7 +287,7 @@ def test_phi_never_reaches_stderr_of_the_real_command(tmp_path, model_path):
     phi_files(tmp_path / "in")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "always"}
     done = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "predict", str(tmp_path / "in"), "--model", str(model_path), "--format", "json", "--verbose"],
+        [sys.executable, "-m", "cxr.serving.cli", "predict", str(tmp_path / "in"), "--model", str(model_path), "--format", "json", "--verbose"],
         capture_output=True,
         text=True,
         env=env,
@@ -317,6 +318,6 @@ def test_folder_with_dicom_png_and_a_bad_dicom(tmp_path, model_path, capsys):
 def test_a_jpeg_does_not_load_pydicom(tmp_path):
     path = tmp_path / "x.jpg"
     Image.fromarray(xray(0)).save(path)
-    code = f"import sys, cxr.images; cxr.images.open_image({str(path)!r}); print('pydicom' in sys.modules)"
+    code = f"import sys, cxr.data.images; cxr.data.images.open_image({str(path)!r}); print('pydicom' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     assert done.stdout.strip() == "False"

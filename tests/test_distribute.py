@@ -1,4 +1,4 @@
-"""Scaling out (cxr/distribute.py, docs/scaling.md): strategy choice, TF_CONFIG errors, the global
+"""Scaling out (cxr/model/distribute.py, docs/scaling.md): strategy choice, TF_CONFIG errors, the global
 batch, mixed precision, and a real two-worker MultiWorkerMirroredStrategy run on 127.0.0.1 whose
 per-epoch losses match a single-process run with the same global batch."""
 
@@ -22,13 +22,13 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from cxr import distribute
-from cxr import params as cxr_params
-from cxr.cache import cache_dir, write_split
-from cxr.distribute import Task, configure_precision, get_strategy, global_batch_size, read_tf_config
-from cxr.errors import CxrError
-from cxr.models import build_model, compile_model
-from cxr.training import epoch_batches, train_variant
+from cxr.core import params as cxr_params
+from cxr.core.errors import CxrError
+from cxr.data.cache import cache_dir, write_split
+from cxr.model import distribute
+from cxr.model.architectures import build_model
+from cxr.model.distribute import Task, configure_precision, get_strategy, global_batch_size, read_tf_config
+from cxr.model.training import compile_model, epoch_batches, train_variant
 from model.conftest import tiny_split  # the model tests' tiny labelled images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_multi_worker_after_other_tensorflow_work_is_a_clear_error(monkeypatch):
     with pytest.raises(
         CxrError,
         match=r"^params.yaml train.distribute: multi_worker must set up its strategy before TensorFlow runs "
-        r"anything else in the process; call cxr.distribute.get_strategy\('multi_worker'\) first",
+        r"anything else in the process; call cxr.model.distribute.get_strategy\('multi_worker'\) first",
     ):
         get_strategy("multi_worker")
     assert distribute._multi_worker is None

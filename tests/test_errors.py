@@ -36,10 +36,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from cxr.constants import CLASSES, OUT_OF_DISTRIBUTION, UNCERTAIN
-from cxr.testing.httpserver import LoopbackServer
-from cxr.testing.synth import Counts, jpeg_bytes, make_xray, write_tree
+from cxr.core.constants import CLASSES, OUT_OF_DISTRIBUTION, UNCERTAIN
 from test_fetch import BAD
+from testkit.httpserver import LoopbackServer
+from testkit.synth import Counts, jpeg_bytes, make_xray, write_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1 << 20
@@ -53,7 +53,7 @@ DELETE = object()
 def command(script: str, *args: str) -> list[str]:
     """`python stages/<script>.py ARGS`, or the `cxr` command for script "cxr"."""
     if script == "cxr":
-        return [sys.executable, "-m", "cxr.cli", *args]
+        return [sys.executable, "-m", "cxr.serving.cli", *args]
     return [sys.executable, str(ROOT / "stages" / f"{script}.py"), *args]
 
 
@@ -231,7 +231,7 @@ def test_cxr_debug_shows_the_traceback_and_still_ends_with_the_line(fetch_runs):
 
 
 def cache_split(n: int, size: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
-    """A preprocessed split of n random images, half of each class (for `cxr.cache.write_split`)."""
+    """A preprocessed split of n random images, half of each class (for `cxr.data.cache.write_split`)."""
     rng = np.random.default_rng(seed)
     labels = ["NORMAL", "PNEUMONIA"] * (n // 2)
     rows = pd.DataFrame(
@@ -250,7 +250,7 @@ def cache_split(n: int, size: int, seed: int) -> tuple[np.ndarray, pd.DataFrame]
 def params_project(folder: Path, edit: Callable[[dict], None] | str | None, tripwires: bool) -> Path:
     """params.yaml (edited), a raw tree for split, a 48 px cache for train; with `tripwires` the
     first data file each stage opens is a named pipe."""
-    from cxr.cache import write_split
+    from cxr.data.cache import write_split
 
     if not isinstance(edit, str):
         write_params(folder, edit)
@@ -350,7 +350,7 @@ def write_image_cases(folder: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     bad["truncated"].write_bytes(whole[: len(whole) // 2])
     bad["zero-byte"].write_bytes(b"")
     bad["not-an-image"].write_bytes(b"<html><body>404 Not Found</body></html>\n")
-    Image.new("L", (8000, 6400)).save(bad["over-pixel-limit"])  # 51.2 MP, over cxr.images.MAX_PIXELS
+    Image.new("L", (8000, 6400)).save(bad["over-pixel-limit"])  # 51.2 MP, over cxr.data.pixels.MAX_PIXELS
     Image.new("L", (1, 1)).save(bad["one-pixel"], format="JPEG")
     good = {"cmyk": n / "IM-0904-0001.jpeg", "16-bit": n / "IM-0905-0001.png", "palette": p / "person903_virus_1.png"}
     picture = make_xray("PNEUMONIA", 7, (80, 72))
@@ -424,8 +424,8 @@ def test_no_image_is_silently_kept_or_dropped(image_project):
 
 def test_odd_but_good_formats_are_kept_and_cached(image_project):
     project = image_project["project"]
-    from cxr.cache import load_split
-    from cxr.images import load_resized
+    from cxr.data.cache import load_split
+    from cxr.data.images import load_resized
 
     manifest = pd.read_csv(project / "data" / "split" / "manifest.csv", dtype=str)
     assert set(image_project["good"].values()) <= set(manifest["path"])
@@ -478,7 +478,7 @@ def config_of(model: Path) -> dict:
 @pytest.mark.slow
 def test_saved_models_hold_no_code(tiny_pipeline):
     """Every variant's .keras file is config + weights only: no Lambda layer, no serialized Python
-    function, so `safe_mode=True` loading (cxr.inference) refuses nothing genuine."""
+    function, so `safe_mode=True` loading (cxr.serving.inference) refuses nothing genuine."""
     variants = yaml.safe_load((tiny_pipeline.origin / "params.yaml").read_text())["variants"]
     for name in variants:
         path = tiny_pipeline.origin / "models" / f"{name}.keras"

@@ -24,9 +24,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr.testing.httpserver import LoopbackServer
-from cxr.testing.pipeline import DVC, sh
-from cxr.testing.synth import Counts, make_archive, write_tree
 from test_errors import (
     ROOT,
     assert_fails_cleanly,
@@ -35,6 +32,9 @@ from test_errors import (
     snapshot,
     write_params,
 )
+from testkit.httpserver import LoopbackServer
+from testkit.pipeline import DVC, sh
+from testkit.synth import Counts, make_archive, write_tree
 
 # ---------------------------------------------------------------- kill -9, then dvc repro
 
@@ -219,7 +219,7 @@ def test_full_disk_while_fetch_writes_keeps_the_previous_data(tmp_path):
     (project / "data" / "raw" / "chest_xray" / "keep.jpeg").write_bytes(b"the previous fetch")
     before = snapshot(project / "data")
 
-    done = run_with_full_disk(project, "cxr.archive:copy_capped", 1, 5, "fetch")
+    done = run_with_full_disk(project, "cxr.data.archive:copy_capped", 1, 5, "fetch")
     assert (project / "calls.txt").read_text() == "6"
     assert_fails_cleanly(done, "error: data/raw: no space left on device", "free disk space")
     assert snapshot(project / "data") == before
@@ -234,7 +234,7 @@ def dead_pid() -> int:
 
 
 def test_next_write_removes_only_dead_writers_temporaries(tmp_path):
-    from cxr.io import atomic_dir, atomic_file
+    from cxr.core.io import atomic_dir, atomic_file
 
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # ends, but is not reaped until wait()
     try:

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr.archive import BudgetExceeded, coalesce, copy_capped, find_root
-from cxr.errors import CxrError
-from cxr.fetch import fetch
-from cxr.testing.httpserver import LoopbackServer
-from cxr.testing.synth import Counts, jpeg_bytes, make_archive, make_xray
-from cxr.transport import TAIL_BYTES
+from cxr.core.errors import CxrError
+from cxr.data.archive import BudgetExceeded, coalesce, copy_capped, find_root
+from cxr.data.fetch import fetch
+from cxr.data.transport import TAIL_BYTES
+from testkit.httpserver import LoopbackServer
+from testkit.synth import Counts, jpeg_bytes, make_archive, make_xray
 
 ROOT = Path(__file__).resolve().parent.parent
 CAP = 64 << 20

@@ -1,4 +1,4 @@
-"""cxr.gradcam: target discovery (also inside nested backbones), heatmaps, overlays, grids.
+"""cxr.evaluation.gradcam: target discovery (also inside nested backbones), heatmaps, overlays, grids.
 
 .venv/bin/pytest tests/test_gradcam.py
 """
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.errors import CxrError
-from cxr.gradcam import GradCam, gradcam, gradcam_grid, overlay
+from cxr.core.errors import CxrError
+from cxr.evaluation.gradcam import GradCam, gradcam, gradcam_grid, overlay
 
 SIZE = 32
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import images
-from cxr.images import ImageError
+from cxr.data import images, pixels
+from cxr.data.pixels import ImageError
 
 
 def gradient(w: int = 90, h: int = 60) -> np.ndarray:
@@ -97,7 +97,7 @@ def test_tiny_and_huge_images_are_refused(tmp_path, monkeypatch):
         images.open_image(tiny)
     big = tmp_path / "big.png"
     Image.new("L", (300, 300)).save(big)
-    monkeypatch.setattr(images, "MAX_PIXELS", 10_000)
+    monkeypatch.setattr(pixels, "MAX_PIXELS", 10_000)
     with pytest.raises(ImageError, match="over 10,000 pixels"):
         images.open_image(big)
 

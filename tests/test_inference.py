@@ -1,4 +1,4 @@
-"""cxr.inference: safe model loading with its sidecar, batch prediction, file prediction.
+"""cxr.serving.inference: safe model loading with its sidecar, batch prediction, file prediction.
 
 .venv/bin/pytest tests/test_inference.py
 """
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.errors import CxrError
-from cxr.images import load_resized
-from cxr.inference import LoadedModel, Prediction, load_model, predict_arrays, predict_files
+from cxr.core.errors import CxrError
+from cxr.data.images import load_resized
+from cxr.serving.inference import LoadedModel, Prediction, load_model, predict_arrays, predict_files
 
 SIZE = 32
 

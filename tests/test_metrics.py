@@ -1,4 +1,4 @@
-"""cxr.metrics against scikit-learn and hand-checked cases; the patient bootstrap's guarantees."""
+"""cxr.evaluation.metrics against scikit-learn and hand-checked cases; the patient bootstrap's guarantees."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from cxr import metrics
-from cxr.errors import CxrError
+from cxr.core.errors import CxrError
+from cxr.data import dataset
+from cxr.evaluation import metrics
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_binary_metrics_match_sklearn(scored):
 
 
 def test_threshold_is_inclusive():
-    # p == threshold counts as pneumonia, as roc_curve and cxr.inference.label_of count it
+    # p == threshold counts as pneumonia, as roc_curve and cxr.serving.inference.label_of count it
     m = metrics.binary_metrics([0, 1], [0.3, 0.5], 0.5)
     assert m["sensitivity"] == 1.0 and m["specificity"] == 1.0
 
@@ -119,7 +120,7 @@ def test_image_series():
         "NORMAL-28501-0001.jpeg": "NORMAL",
         "person1_bacteria_1.jpeg": "other",
     }
-    assert {path: metrics.image_series(path) for path in names} == names
+    assert {path: dataset.image_series(path) for path in names} == names
 
 
 def test_specificity_by_series():

@@ -1,4 +1,4 @@
-"""The out-of-distribution gate and the refer band (cxr/ood.py, stages/ood.py, `cxr predict`).
+"""The out-of-distribution gate and the refer band (cxr/evaluation/gate.py, stages/ood.py, `cxr predict`).
 
 .venv/bin/pytest -q tests/test_ood.py      # the last test runs on the tiny pipeline (slow)
 """
@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from cxr import ood
-from cxr.constants import NEGATIVE, OUT_OF_DISTRIBUTION, POSITIVE, UNCERTAIN
-from cxr.images import ImageFacts, load_resized_facts
-from cxr.testing.pipeline import ROOT, sh
+from cxr.core.constants import NEGATIVE, OUT_OF_DISTRIBUTION, POSITIVE, UNCERTAIN
+from cxr.data.images import ImageFacts, load_resized_facts
+from cxr.evaluation import gate as ood
+from cxr.evaluation import ood_families, selective
+from testkit.pipeline import ROOT, sh
 
 CHECKS = ood.Checks(min_std=6.0, max_colourfulness=12.0, max_aspect=2.5)
 ZIP_224 = ROOT.parent / "shared" / "data" / "chest_xray_224.zip"
@@ -96,19 +97,19 @@ def test_unreadable_gate_file_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize("threshold", [0.5, 0.93, 0.02])
 def test_refer_band_coverage_matches_its_target(target, threshold):
     rng = np.random.default_rng(4)
-    p = 1 / (1 + np.exp(-rng.normal(ood.logit(threshold), 3, 2000)))
-    low, high = ood.refer_band(p, threshold, target)
+    p = 1 / (1 + np.exp(-rng.normal(selective.logit(threshold), 3, 2000)))
+    low, high = selective.refer_band(p, threshold, target)
     assert low <= threshold <= high
-    assert target <= ood.answered(p, low, high).mean() <= target + 0.02  # on the probabilities it was set on
-    fresh = 1 / (1 + np.exp(-rng.normal(ood.logit(threshold), 3, 5000)))
-    assert abs(ood.answered(fresh, low, high).mean() - target) <= 0.02  # and on new ones from the same distribution
+    assert target <= selective.answered(p, low, high).mean() <= target + 0.02  # on the probabilities it was set on
+    fresh = 1 / (1 + np.exp(-rng.normal(selective.logit(threshold), 3, 5000)))
+    assert abs(selective.answered(fresh, low, high).mean() - target) <= 0.02  # and on new ones from the same distribution
     # symmetric in logits around the threshold
-    assert ood.logit(high) - ood.logit(threshold) == pytest.approx(ood.logit(threshold) - ood.logit(low))
+    assert selective.logit(high) - selective.logit(threshold) == pytest.approx(selective.logit(threshold) - selective.logit(low))
 
 
 def test_refer_band_of_full_coverage_is_empty():
-    assert ood.refer_band(np.array([0.1, 0.6]), 0.5, 1.0) == (0.5, 0.5)
-    assert ood.answered(np.array([0.5]), 0.5, 0.5).all()
+    assert selective.refer_band(np.array([0.1, 0.6]), 0.5, 1.0) == (0.5, 0.5)
+    assert selective.answered(np.array([0.5]), 0.5, 0.5).all()
 
 
 def test_labels_put_out_of_distribution_before_uncertain_before_the_class():
@@ -123,12 +124,12 @@ def test_labels_put_out_of_distribution_before_uncertain_before_the_class():
 def test_risk_coverage_ends_at_full_coverage_and_answers_the_most_confident_first():
     y = np.array([1, 1, 0, 0, 1, 0])
     p = np.array([0.99, 0.55, 0.02, 0.45, 0.3, 0.9])  # the two least confident (0.55, 0.45) are right
-    curve = ood.risk_coverage(y, p, 0.5)
-    full = ood.answered_metrics(y, p, 0.5, np.ones(6, bool))
+    curve = selective.risk_coverage(y, p, 0.5)
+    full = selective.answered_metrics(y, p, 0.5, np.ones(6, bool))
     assert [c["coverage"] for c in curve] == pytest.approx(np.arange(1, 7) / 6)
     assert {k: curve[-1][k] for k in ("accuracy", "sensitivity", "specificity")} == {k: full[k] for k in ("accuracy", "sensitivity", "specificity")}
     assert curve[0] == {"coverage": 1 / 6, "accuracy": 1.0, "sensitivity": 1.0, "specificity": None}  # 0.99 first
-    at = ood.at_coverage(y, p, 0.5, 0.5)
+    at = selective.at_coverage(y, p, 0.5, 0.5)
     assert at["n_answered"] == 3 and at["accuracy"] == pytest.approx(2 / 3)  # 0.99 ✓, 0.02 ✓, 0.9 ✗
 
 
@@ -149,7 +150,7 @@ def test_facts_come_from_the_same_decode_as_the_pixels(tmp_path):
     grayscale ones load_resized gives."""
     from sklearn.datasets import load_sample_images
 
-    from cxr.images import load_resized
+    from cxr.data.images import load_resized
 
     photo = tmp_path / "flower.jpg"
     Image.fromarray(load_sample_images().images[1]).save(photo)
@@ -167,14 +168,14 @@ def test_facts_come_from_the_same_decode_as_the_pixels(tmp_path):
 
 
 def test_every_synthetic_family_is_built_and_seeded():
-    a, b = ood.synthetic_families(np.random.default_rng(8), 6), ood.synthetic_families(np.random.default_rng(8), 6)
+    a, b = ood_families.synthetic_families(np.random.default_rng(8), 6), ood_families.synthetic_families(np.random.default_rng(8), 6)
     assert set(a) == {"constant", "near_constant", "noise", "photos", "photos_gray", "oct"}
     for name, images in a.items():
         assert len(images) == 6 and all(img.dtype == np.uint8 for img in images), name
         assert all(np.array_equal(x, y) for x, y in zip(images, b[name])), name
     assert a["constant"][0].max() == 0 and a["constant"][1].min() == 255
     x = chest_like(np.random.default_rng(9), 3, 48)
-    fam = ood.xray_families(x)
+    fam = ood_families.xray_families(x)
     assert set(fam) == {"rotated_90", "rotated_180", "inverted", "corner_crop"}
     np.testing.assert_array_equal(fam["rotated_180"][0], x[0, ::-1, ::-1, 0])
     assert fam["corner_crop"][0].shape == (12, 12)
@@ -241,7 +242,7 @@ def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_fi
     view = ood.ViewCheck.fit(train[:1200], np.random.default_rng(0))
     cut = np.quantile(view.logit(ood.thumbnails(train[1200:])), 0.997)
     assert np.mean(view.logit(ood.thumbnails(test)) > cut) <= 0.02
-    for family, images in ood.xray_families(test).items():
+    for family, images in ood_families.xray_families(test).items():
         resized = np.stack([np.asarray(Image.fromarray(i).resize((64, 64), Image.Resampling.BILINEAR)) for i in images])[..., None]
         assert np.mean(view.logit(ood.thumbnails(resized)) > cut) >= 0.9, family
 

@@ -7,8 +7,8 @@ import copy
 import pytest
 import yaml
 
-from cxr import params
-from cxr.errors import CxrError
+from cxr.core import params
+from cxr.core.errors import CxrError
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_project_params_are_valid(raw):
         ("variants.cnn_baseline.learning_rate", -1, "learning_rate: must be positive"),
         ("variants.cnn_baseline.batch_size", 0, "batch_size: must be a positive integer"),
         ("variants.cnn_baseline.colour", "blue", "unknown key"),
-        ("variants.transfer_finetuned.init_from", "cxr/models.py", "init_from: must name the trained"),
+        ("variants.transfer_finetuned.init_from", "cxr/model/architectures.py", "init_from: must name the trained"),
         ("base.seed", "abc", "base.seed"),
         # types: YAML strings and booleans must not pass for numbers or booleans
         ("train.mixed_precision", "false", "train.mixed_precision: must be true or false, got 'false'"),

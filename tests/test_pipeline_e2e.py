@@ -13,7 +13,7 @@ import re
 import pytest
 import yaml
 
-from cxr.testing.pipeline import DVC, sh
+from testkit.pipeline import DVC, sh
 
 pytestmark = pytest.mark.slow
 

@@ -32,7 +32,7 @@ def test_report_depends_on_every_model(project_root):
 
 def test_report_depends_on_its_page_template(project_root):
     """The one non-Python file the report loads (its imports are checked in tests/test_dag.py)."""
-    assert "cxr/templates/report.html.j2" in load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
+    assert "cxr/evaluation/templates/report.html.j2" in load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
 
 
 def test_every_variant_names_existing_files_and_sections(project_root):

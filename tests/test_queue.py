@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from cxr.testing.pipeline import DVC, sh
+from testkit.pipeline import DVC, sh
 
 pytestmark = pytest.mark.slow
 

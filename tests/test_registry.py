@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr.ood import gate_path
-from cxr.sidecar import path_for
-from cxr.testing.pipeline import DVC, ROOT, sh
-from cxr.testing.synth import make_xray
+from cxr.evaluation.gate import gate_path
+from cxr.model.sidecar import path_for
+from testkit.pipeline import DVC, ROOT, sh
+from testkit.synth import make_xray
 
 GTO = str(Path(DVC).with_name("gto"))  # installed with dvc; writes the version tags DVC reads
 # DVC's docs: "Artifact IDs must consist of letters and numbers, and use '-' as separator".
@@ -87,7 +87,7 @@ def test_artifact_names_are_valid_and_paths_are_stage_outputs(project_root):
 
 def predict_json(cwd: Path, model: Path, image: Path) -> tuple[list[dict], str]:
     """`cxr predict --format json` run from `cwd` with this checkout's cxr; its rows and stderr."""
-    done = sh(cwd, sys.executable, "-m", "cxr.cli", "predict", str(image), "--model", str(model), "--format", "json", env={"PYTHONPATH": str(ROOT)})
+    done = sh(cwd, sys.executable, "-m", "cxr.serving.cli", "predict", str(image), "--model", str(model), "--format", "json", env={"PYTHONPATH": str(ROOT)})
     return json.loads(done.stdout), done.stderr
 
 

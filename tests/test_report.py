@@ -1,4 +1,4 @@
-"""cxr.report (loading, selection, the page), cxr.figures, and the evaluate/report stages on a tiny fake project."""
+"""cxr.evaluation.report (loading, selection, the page), cxr.evaluation.figures, and the evaluate/report stages on a tiny fake project."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr import figures, metrics, report
-from cxr.errors import CxrError
-from cxr.sidecar import Sidecar, ValSummary
-from cxr.stress import stress_summary
+from cxr.core.errors import CxrError
+from cxr.evaluation import figures, metrics, report
+from cxr.evaluation.stress import stress_summary
+from cxr.model.sidecar import Sidecar, ValSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,7 +304,7 @@ def tiny_model(slope: float):
 
 def make_project(root: Path) -> None:
     """params.yaml, a 48-image test cache (2 images per patient), two tiny models, audit, one DVCLive log."""
-    from cxr.cache import write_split
+    from cxr.data.cache import write_split
 
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS))
     rng = np.random.default_rng(0)
@@ -359,7 +359,7 @@ def make_project(root: Path) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     if not (ROOT / "cxr" / "inference.py").exists():
-        pytest.skip("cxr/inference.py (load_model, predict_arrays) is not in the tree yet")
+        pytest.skip("cxr/serving/inference.py (load_model, predict_arrays) is not in the tree yet")
     root = tmp_path_factory.mktemp("project")
     make_project(root)
     return root
@@ -399,7 +399,7 @@ def test_evaluate_and_report_stages(project, monkeypatch):
     page = (project / "plots" / "report.html").read_text()
     _check_page(page)
     try:
-        import cxr.gradcam  # noqa: F401
+        import cxr.evaluation.gradcam  # noqa: F401
     except ImportError:
         assert "Grad-CAM unavailable" in page
     else:

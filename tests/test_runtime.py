@@ -1,4 +1,4 @@
-"""The LiteRT export and runtime (cxr/export.py, cxr/runtime.py, `cxr predict --runtime`).
+"""The LiteRT export and runtime (cxr/serving/export.py, cxr/serving/runtime.py, `cxr predict --runtime`).
 
 .venv/bin/pytest -q tests/test_runtime.py
 """
@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import ood, runtime
-from cxr.constants import OUT_OF_DISTRIBUTION
-from cxr.errors import CxrError
-from cxr.export import export_litert, write_export
-from cxr.inference import load_model, predict_files
+from cxr.core.constants import OUT_OF_DISTRIBUTION
+from cxr.core.errors import CxrError
+from cxr.evaluation import gate as ood
+from cxr.serving import runtime
+from cxr.serving.export import export_litert, write_export
+from cxr.serving.inference import load_model, predict_files
 from test_inference import SIZE, probe_model, save_model, sidecar, xray
 
 
@@ -29,7 +30,7 @@ def images(n: int, seed: int = 0) -> np.ndarray:
 
 def gate_for(loaded, seed: int = 1) -> ood.Gate:
     """A gate fitted on the probe model's own features of random images (logic, not reality)."""
-    from cxr.forward import forward_arrays
+    from cxr.model.forward import forward_arrays
 
     feats = ood.penultimate(loaded.model)
     tr, va = images(120, seed), images(80, seed + 1)
@@ -105,11 +106,11 @@ def test_a_stale_or_broken_export_is_a_clear_error(exported, tmp_path):
 
 
 def test_export_refuses_a_model_it_cannot_reproduce(exported, monkeypatch):
-    import cxr.export
+    import cxr.serving.export
 
     loaded = load_model(exported, runtime="keras")
-    real = cxr.export.keras_outputs
-    monkeypatch.setattr(cxr.export, "keras_outputs", lambda m, x: (real(m, x)[0] + 1e-3, real(m, x)[1]))
+    real = cxr.serving.export.keras_outputs
+    monkeypatch.setattr(cxr.serving.export, "keras_outputs", lambda m, x: (real(m, x)[0] + 1e-3, real(m, x)[1]))
     with pytest.raises(CxrError, match=r"the LiteRT export differs from Keras \(max \|dp\| 1.00e-03, \d+ class disagreements on 8 images\); nothing written"):
         export_litert(loaded, images(8))
 
@@ -119,7 +120,7 @@ def test_cxr_predict_with_the_export_never_imports_tensorflow(exported, tmp_path
     image = tmp_path / "one.png"
     Image.fromarray(xray(1)).save(image)
     code = (
-        "import sys, json; from cxr.cli import cli; status = cli(['predict', sys.argv[1], '--model', sys.argv[2], '--format', 'json']);"
+        "import sys, json; from cxr.serving.cli import cli; status = cli(['predict', sys.argv[1], '--model', sys.argv[2], '--format', 'json']);"
         "print(json.dumps({'status': status, 'tf': [m for m in ('tensorflow', 'keras') if m in sys.modules]}), file=sys.stderr)"
     )
     done = subprocess.run([sys.executable, "-c", code, str(image), str(exported)], capture_output=True, text=True, check=True)
@@ -128,7 +129,7 @@ def test_cxr_predict_with_the_export_never_imports_tensorflow(exported, tmp_path
     ref = predict_files([image], load_model(exported, runtime="keras"))[0]
     assert row["label"] == ref.label and abs(row["probability"] - ref.probability) <= 1e-4
     keras_run = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "predict", str(image), "--model", str(exported), "--runtime", "keras", "--format", "json"],
+        [sys.executable, "-m", "cxr.serving.cli", "predict", str(image), "--model", str(exported), "--runtime", "keras", "--format", "json"],
         capture_output=True,
         text=True,
         check=True,
@@ -146,15 +147,15 @@ def test_export_counts_a_class_flip_at_the_threshold_within_tolerance(exported, 
     counted, not refused; the same flip farther from the threshold than the tolerance is refused."""
     import dataclasses
 
-    import cxr.export
+    import cxr.serving.export
 
     loaded = load_model(exported, runtime="keras")
     x = images(8)
-    real = cxr.export.keras_outputs
+    real = cxr.serving.export.keras_outputs
     p = real(loaded.model, x)[0]
     assert np.ptp(p) > 1e-3  # the images' probabilities differ, so only image 0 sits on the threshold
     shift = np.where(np.arange(len(x)) == 0, 2e-6, 0.0)
-    monkeypatch.setattr(cxr.export, "keras_outputs", lambda m, x: (real(m, x)[0] - shift, real(m, x)[1]))
+    monkeypatch.setattr(cxr.serving.export, "keras_outputs", lambda m, x: (real(m, x)[0] - shift, real(m, x)[1]))
     # LiteRT above the threshold, "Keras" below it
     on_edge = dataclasses.replace(loaded, meta=dataclasses.replace(loaded.meta, threshold=float(p[0]) - 1e-6))
     _, _, parity = export_litert(on_edge, x)

@@ -1,4 +1,4 @@
-"""cxr.serve: the HTTP service and its page, on a tiny probe model served on 127.0.0.1.
+"""cxr.serving.serve: the HTTP service and its page, on a tiny probe model served on 127.0.0.1.
 
 .venv/bin/pytest tests/test_serve.py
 """
@@ -23,15 +23,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.cli import build_parser
-from cxr.gradcam import GradCam, overlay
-from cxr.inference import load_model, predict_files
-from cxr.runtime import sha256_file
-from cxr.serve import INTENDED_USE, Service, create_app, safe_name
-from cxr.testing.dicomfiles import PHI, write_dicom
-from cxr.testing.serveapp import chromium_paths, headless_chromium, post_file, running, upload_in_page
+from cxr.core.provenance import sha256_file
+from cxr.evaluation.gradcam import GradCam, overlay
+from cxr.serving.cli import build_parser
+from cxr.serving.inference import load_model, predict_files
+from cxr.serving.serve import INTENDED_USE, Service, create_app, safe_name
 from test_dicom import BASIC_TEXT_SR, assert_no_phi
 from test_inference import probe_model, save_model, sidecar, xray
+from testkit.dicomfiles import PHI, write_dicom
+from testkit.serveapp import chromium_paths, headless_chromium, post_file, running, upload_in_page
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW_SAMPLE = ROOT.parent / "shared" / "data" / "raw_sample"
@@ -277,7 +277,10 @@ def test_cxr_serve_command_binds_loopback(model_path, good_file):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "serve", "--model", str(model_path), "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "cxr.serving.cli", "serve", "--model", str(model_path), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from cxr.testing.pipeline import DVC, sh
-from cxr.testing.s3server import REGION, S3Server
+from testkit.pipeline import DVC, sh
+from testkit.s3server import REGION, S3Server
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr import dataset
-from cxr.fetch import MB, fetch
+from cxr.data import dataset
+from cxr.data.fetch import MB, fetch
 
 ROOT = Path(__file__).resolve().parents[1]
 ZIP = ROOT.parent / "shared" / "data" / "chest_xray_224.zip"

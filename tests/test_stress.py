@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr import stress
+from cxr.evaluation import stress
 
 
 def films(n: int = 4, size: int = 40) -> np.ndarray:

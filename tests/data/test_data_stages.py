@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr import dataset
-from cxr.cache import load_split
+from cxr.data import dataset
+from cxr.data.cache import load_split
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def run_stage(cwd: Path, name: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def project(tmp_path):
-    from cxr.testing.synth import Counts, write_tree
+    from testkit.synth import Counts, write_tree
 
     raw = tmp_path / "data" / "raw" / "chest_xray"
     write_tree(raw, {"train": Counts(normal=8, bacteria=8, virus=6, images_per_patient=2), "test": Counts(normal=4, bacteria=3, virus=3)}, size=(90, 70))
@@ -82,7 +82,7 @@ def test_split_and_preprocess_on_a_synthetic_tree(project):
             assert part.rows["path"].tolist() == rows["path"].tolist()
             assert part.y.tolist() == (rows["label"] == "PNEUMONIA").astype(int).tolist()
     # the cached pixels are what the one image loader gives for that file
-    from cxr.images import load_resized
+    from cxr.data.images import load_resized
 
     first = load_split(project / "data/processed/48", "test")
     assert np.array_equal(first.x[0], load_resized(project / first.rows["path"][0], [48])[48])

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr import params as cxr_params
-from cxr.cache import CachedSplit, labels_of
+from cxr.core import params as cxr_params
+from cxr.data.cache import CachedSplit, labels_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_KERAS = ROOT.parent / "shared" / "keras"
@@ -28,7 +28,7 @@ def tiny_raw_params(size: int = SIZE, epochs: int = 1, batch_size: int = 4) -> d
     raw["variants"]["modern"] = {
         "model": "modern",
         "image_size": size,
-        "init_from": "cxr/models.py",
+        "init_from": "cxr/model/architectures.py",
         "shared": "transfer",
         "optimizer": "adamw",
         "learning_rate": 1e-3,

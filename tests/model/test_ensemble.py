@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from cxr.cache import cache_dir, write_split
-from cxr.inference import load_model, predict_arrays
-from cxr.metrics import choose_threshold
-from cxr.stress import SHIFTS as STRESS_SHIFTS
+from cxr.data.cache import cache_dir, write_split
+from cxr.evaluation.metrics import choose_threshold
+from cxr.evaluation.stress import SHIFTS as STRESS_SHIFTS
+from cxr.serving.inference import load_model, predict_arrays
 
 from .conftest import ROOT, SIZE, tiny_raw_params, tiny_split
 

@@ -9,17 +9,10 @@ import keras
 import numpy as np
 import pytest
 
-from cxr.errors import CxrError
-from cxr.inference import predict_arrays as predict
-from cxr.models import (
-    backbone_preprocessing,
-    build_model,
-    find_backbone,
-    freeze_batchnorm,
-    last_conv_layer,
-    make_backbone,
-)
-from cxr.training import save_result, train_variant
+from cxr.core.errors import CxrError
+from cxr.model.architectures import backbone_preprocessing, build_model, find_backbone, freeze_batchnorm, last_conv_layer, make_backbone
+from cxr.model.training import save_result, train_variant
+from cxr.serving.inference import predict_arrays as predict
 
 from .conftest import SHARED_KERAS, SIZE, tiny_params, tiny_split
 
@@ -157,7 +150,7 @@ def _variant(params, name="cnn_baseline", **changes):
     ],
 )
 def test_bad_params_give_clear_errors(params, name, changes, transfer, expected):
-    """What only building the model can find; names and ranges are checked by cxr.params (tests/test_params.py)."""
+    """What only building the model can find; names and ranges are checked by cxr.core.params (tests/test_params.py)."""
     variant = replace(params.variant(name), **changes)
     with pytest.raises(CxrError, match="params.yaml") as info:
         build_model(variant, replace(params, transfer=replace(params.transfer, **transfer)))

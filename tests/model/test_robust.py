@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cxr import params as cxr_params
-from cxr.errors import CxrError
-from cxr.forward import predict_arrays
-from cxr.models import build_model, find_backbone, reestimate_batchnorm, tta_model, tta_views
-from cxr.ood import penultimate
-from cxr.training import epoch_batches, train_variant
+from cxr.core import params as cxr_params
+from cxr.core.errors import CxrError
+from cxr.evaluation.gate import penultimate
+from cxr.model.architectures import build_model, find_backbone
+from cxr.model.forward import predict_arrays
+from cxr.model.robust import reestimate_batchnorm, tta_model, tta_views
+from cxr.model.training import epoch_batches, train_variant
 
 from .conftest import tiny_params, tiny_raw_params, tiny_split
 
@@ -123,7 +124,7 @@ def test_bad_robustness_options_fail_cleanly(extra, message):
 
 
 def test_gradcam_explains_a_tta_model_through_its_identity_view():
-    from cxr.gradcam import gradcam
+    from cxr.evaluation.gradcam import gradcam
 
     params = tiny_params()
     model = build_model(params.variant("modern"), params)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import yaml
 
-from cxr.cache import cache_dir, write_split
-from cxr.inference import predict_arrays as predict
-from cxr.metrics import binary_metrics, youden_threshold
-from cxr.models import build_model, compile_model
-from cxr.training import class_weights, save_result, set_determinism, train_variant
+from cxr.data.cache import cache_dir, write_split
+from cxr.evaluation.metrics import binary_metrics, youden_threshold
+from cxr.model.architectures import build_model
+from cxr.model.training import class_weights, compile_model, save_result, set_determinism, train_variant
+from cxr.serving.inference import predict_arrays as predict
 
 from .conftest import ROOT, SIZE, tiny_raw_params, tiny_split
 

@@ -1,0 +1,1 @@
+"""Shared foundations: typed params, constants, one-line errors, atomic file writes, provenance."""

@@ -1,0 +1,1 @@
+"""Getting the data: fetch and prune the archive, the split manifest, the one image loader, DICOM, caches."""

@@ -1,0 +1,95 @@
+"""A tiny real pipeline for tests and benchmarks, and the way to run commands in it.
+
+    work, first_repro = build_tiny_pipeline(tmp_folder)   # tests/conftest.py (tiny_pipeline), bench/bench_repro.py
+    sh(work, DVC, "status")                               # CommandError if it exits non-zero
+
+`build_tiny_pipeline` copies this checkout's pipeline (dvc.yaml, cxr/, stages/, params.yaml shrunk by
+`tiny_params`) into a new git+DVC repository, points it at a synthetic archive (testkit.synth)
+and runs `dvc repro` once, so it needs the source checkout, not just the installed package.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the project checkout this folder sits in
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+
+class CommandError(RuntimeError):
+    """A command run by `sh` exited non-zero; the message holds the end of its output."""
+
+
+def sh(cwd: Path, *args: str, timeout: int = 900, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command in `cwd` as `make repro` would: the venv's tools first on PATH, `cxr` imported
+    from `cwd` (PYTHONPATH), a throw-away git identity; raise CommandError on failure if `check`."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(cwd),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "DVC_NO_ANALYTICS": "1",
+        **(env or {}),
+    }
+    full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    full_env.setdefault("PYTHONHASHSEED", "0")  # as the Makefile sets it
+    done = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise CommandError(f"`{' '.join(map(str, args))}` in {cwd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done
+
+
+def tiny_params(source: Path) -> dict:
+    """The project's params.yaml shrunk so that the whole pipeline runs in about a minute."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["fetch"]["source"] = str(source)
+    params["split"]["val_fraction"] = 0.3
+    params["split"]["folds"] = 2  # each fold of ~19 patients still holds both classes
+    params["cv"]["folds"] = [0, 1]
+    params["ood"]["family_size"] = 6  # images per non-X-ray family: the logic, not the statistics
+    params["transfer"]["weights"] = "none"  # nothing to download in a test
+    params["evaluate"]["bootstrap_samples"] = 50
+    params["report"]["gradcam_per_outcome"] = 1
+    for v in params["variants"].values():
+        v["image_size"] = 48  # the seed's CNN needs ≥ 46 px for its four poolings
+        v["epochs"] = 1
+        v["batch_size"] = 8
+    return params
+
+
+def build_tiny_pipeline(folder: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """folder/origin: a git+DVC copy of the project's pipeline with tiny params and a synthetic archive
+    (folder/archive.zip), after one `dvc repro`, committed. Returns it and that repro's result.
+    That repro runs with CXR_PARAMS_TRACE=folder/params_trace.tsv: the params keys each stage read
+    (see cxr.core.params; tests/test_dag.py checks them against dvc.yaml)."""
+    import yaml
+
+    from testkit.synth import Counts, make_archive
+
+    archive = make_archive(folder / "archive.zip", counts={"train": Counts(normal=8, bacteria=6, virus=5), "test": Counts(normal=4, bacteria=3, virus=3)})
+    work = folder / "origin"
+    work.mkdir()
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(ROOT / name, work / name)
+    for sub in ("cxr", "stages"):
+        shutil.copytree(ROOT / sub, work / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(archive), sort_keys=False))
+    sh(work, "git", "init", "-q", "-b", "main")
+    sh(work, DVC, "init", "-q")
+    sh(work, DVC, "config", "core.analytics", "false")
+    sh(work, "git", "add", "-A")
+    sh(work, "git", "commit", "-qm", "tiny project")
+    # ~30 stages, most of them importing TensorFlow: minutes on a quiet 2-core machine, more under load
+    first = sh(work, DVC, "repro", timeout=2400, env={"CXR_PARAMS_TRACE": str(folder / "params_trace.tsv")})
+    sh(work, "git", "add", "-A")
+    sh(work, "git", "commit", "-qm", "first run")
+    return work, first
