@@ -1,0 +1,1 @@
+"""Model building, training and the saved model's metadata."""
