@@ -8,7 +8,7 @@ The LiteRT runtime uses models/<v>.tflite (stage export@<v>); without one the mo
 into a temporary folder first (cxr.serving.export, the stage's own code, parity-checked).
 Images are the full-resolution originals in ../shared/data/raw_sample, repeated to --images.
 Both runtimes are measured in the same run, so their ratios compare like with like.
-Prints a table and writes bench/results/predict.json. Goals (issue #14, for the runtime
+Prints a table and writes bench/results/predict.json. Goals (for the runtime
 `cxr predict` uses): cold start of the whole command ≤ 1.0 s, one image after load ≤ 10 ms,
 batch throughput on full-resolution files ≥ 0.8 × the decode-only rate of the same run.
 """

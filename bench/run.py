@@ -110,7 +110,7 @@ def rows_repro(r: dict[str, Any]) -> list[Row]:
 def rows_predict(r: dict[str, Any]) -> list[Row]:
     model = "UNTRAINED stand-in" if r.get("standin") else r.get("model", "?")
     if "runtimes" not in r:  # written before the LiteRT runtime: rerun bench_predict
-        return [row("`cxr predict` (LiteRT runtime)", "see issue #14", NOT_RUN, None)]
+        return [row("`cxr predict` (LiteRT runtime)", "rerun bench/bench_predict.py", NOT_RUN, None)]
     k, lite = r["runtimes"]["keras"], r["runtimes"]["litert"]
     return [
         row(

@@ -34,7 +34,7 @@ from cxr.model.folds import fold_paths, read_oof
 from cxr.model.forward import forward_arrays, predict_arrays
 from cxr.serving.inference import load_model, predict_files
 
-COVERAGE = 0.9  # the README's "at 90% coverage" figures (besides the band's own)
+COVERAGE = 0.9  # docs/ood.md's "at 90% coverage" figures (besides the band's own)
 
 
 def family_result(scores: np.ndarray, flagged: np.ndarray, test_scores: np.ndarray) -> dict:

@@ -1,4 +1,4 @@
-"""Synthetic DICOM files (pydicom) for the tests and the README's DICOM example.
+"""Synthetic DICOM files (pydicom) for the tests and the DICOM example in docs/dicom.md.
 
     python -m testkit.dicomfiles IMAGE OUT.dcm [--phi]   # IMAGE's 8-bit gray pixels as a DX file
 

@@ -1,6 +1,6 @@
 """Queued experiments: a small grid over one variant's parameter, run by DVC's queue worker.
 
-The commands are the ones the README ("Sharing" → "Queued experiments") tells users to type:
+The commands are the ones docs/sharing.md ("Queued experiments") tells users to type:
 `dvc exp run --queue -S 'variants.cnn_baseline.epochs=2,3'` queues one experiment per value,
 `dvc queue start -j 1` runs them in the background, `dvc queue status` reports progress, and
 `dvc exp show --json` lists each experiment with its parameters and metrics.

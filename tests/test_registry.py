@@ -1,4 +1,4 @@
-"""The model registry: dvc.yaml's `artifacts:` section (README "Models").
+"""The model registry: dvc.yaml's `artifacts:` section (docs/models.md).
 
 - every model of params.yaml (each variant and each k-fold ensemble `<v>_cv`) is declared as three
   artifacts, `<name>` (type model, with its metrics file), `<name>-sidecar` and `<name>-gate`,

@@ -1,6 +1,6 @@
 """Sharing the project through DVC remote storage, against real remotes on this machine.
 
-What the README section "Sharing" promises a team, checked end to end on the tiny pipeline:
+What docs/sharing.md promises a team, checked end to end on the tiny pipeline:
 - a pusher adds a default remote (a local folder, or an S3 bucket on moto's S3 server bound to
   127.0.0.1), commits the remote config and runs `dvc push`;
 - a teammate's fresh `git clone` (own, empty DVC cache) runs `dvc pull` and gets every DVC-tracked

@@ -83,7 +83,7 @@ MODEL_EXTRAS: dict[str, dict[str, Any]] = {
         "label_smoothing": 0.0,
         "augment_strength": 1.0,
         "warmup_fraction": 0.1,
-        # #12's robustness methods, all off by default (cxr/model/architectures.py, cxr/model/training.py):
+        # robustness methods, all off by default (cxr/model/augment.py, robust.py, training.py):
         "photometric": 0.0,  # AugMix-like brightness / blur / noise in training, scaled by this (0 = off)
         "mixup": 0.0,  # Beta(a, a) mixup of image pairs and their labels (0 = off)
         "bn_reestimate": False,  # BatchNorm statistics re-estimated on training X-rays before fine-tuning
@@ -271,7 +271,7 @@ class Params:
 def _section(raw: dict[str, Any], name: str, required: bool = True) -> dict[str, Any]:
     if name not in raw or raw[name] is None:
         if required:
-            raise CxrError(f"params.yaml has no '{name}' section; add it (see README, 'Parameters')")
+            raise CxrError(f"params.yaml has no '{name}' section; add it (see docs/results.md, 'Parameters')")
         return {}
     value = raw[name]
     if not isinstance(value, dict):

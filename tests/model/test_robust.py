@@ -1,4 +1,4 @@
-"""#12's robustness options of the modern variant: BatchNorm re-estimation, test-time
+"""The robustness options of the modern variant: BatchNorm re-estimation, test-time
 augmentation, mixup and the photometric augmentation family (all off by default)."""
 
 from __future__ import annotations
