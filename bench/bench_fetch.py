@@ -30,7 +30,10 @@ from cxr.data.fetch import fetch
 from testkit.httpserver import LoopbackServer
 from testkit.synth import Counts, make_archive
 
-COUNTS = {"train": Counts(normal=30, bacteria=30, virus=20, images_per_patient=2), "test": Counts(normal=10, bacteria=8, virus=6, images_per_patient=2)}
+COUNTS = {
+    "train": Counts(normal=30, bacteria=30, virus=20, images_per_patient=2),
+    "test": Counts(normal=10, bacteria=8, virus=6, images_per_patient=2),
+}
 IMAGE_SIZE = (384, 352)
 OCT_FACTOR = 6.5
 FSSPEC_BLOCK = 5 << 20  # fsspec's default block size
@@ -42,10 +45,14 @@ def build(folder: Path) -> tuple[Path, int, int]:
     with zipfile.ZipFile(probe) as zf:
         chest = sum(i.compress_size for i in zf.infolist() if "/chest_xray/" in i.filename)
     probe.unlink()
-    path = make_archive(folder / "ZhangLabData.zip", "v3", COUNTS, naming="mendeley", size=IMAGE_SIZE, oct_bytes=int(OCT_FACTOR * chest))
+    path = make_archive(
+        folder / "ZhangLabData.zip", "v3", COUNTS, naming="mendeley", size=IMAGE_SIZE, oct_bytes=int(OCT_FACTOR * chest)
+    )
     with zipfile.ZipFile(path) as zf:
         oct_part = sum(i.compress_size for i in zf.infolist() if "/OCT/" in i.filename)
-        chest_images = sum(i.compress_size for i in zf.infolist() if "/chest_xray/" in i.filename and i.filename.endswith(".jpeg"))
+        chest_images = sum(
+            i.compress_size for i in zf.infolist() if "/chest_xray/" in i.filename and i.filename.endswith(".jpeg")
+        )
     return path, chest_images, oct_part
 
 
@@ -66,7 +73,12 @@ def timed_fetch(data: bytes, mode: str, dest: Path) -> dict:
         else:
             report = fetch(server.url, dest, max_uncompressed_bytes=1024 * MB, timeout_s=30, progress=False)
         seconds = time.perf_counter() - started
-        return {"seconds": seconds, "server_bytes": server.body_bytes, "requests": len(server.stats.requests), "report": report}
+        return {
+            "seconds": seconds,
+            "server_bytes": server.body_bytes,
+            "requests": len(server.stats.requests),
+            "report": report,
+        }
 
 
 def main() -> int:
@@ -95,7 +107,9 @@ def main() -> int:
         result[mode] = {
             "bytes_transferred": items[0]["server_bytes"],
             "ratio_to_chest_compressed": round(items[0]["server_bytes"] / chest, 4),
-            "ratio_to_chest_compressed_plus_cd": round(items[0]["server_bytes"] / (chest + ranged.central_directory_bytes), 4),
+            "ratio_to_chest_compressed_plus_cd": round(
+                items[0]["server_bytes"] / (chest + ranged.central_directory_bytes), 4
+            ),
             "requests": items[0]["requests"],
             "seconds_median": round(statistics.median(r["seconds"] for r in items), 3),
             "seconds_all": [round(r["seconds"], 3) for r in items],

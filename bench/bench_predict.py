@@ -148,10 +148,15 @@ def main() -> int:
     model_path, standin = args.model or default_model(), False
     if model_path is None:
         (model_path, _), standin = build_standin(Path(tmp.name)), True
-        print(f"no trained model (metrics/summary.json): using an UNTRAINED MobileNetV2 α0.35 {STANDIN_SIZE}px stand-in")
+        print(
+            f"no trained model (metrics/summary.json): using an UNTRAINED MobileNetV2 α0.35 {STANDIN_SIZE}px stand-in"
+        )
     lite_path = exported_copy(model_path, Path(tmp.name) if not standin else model_path.parent)
     files = sample_files(args.images)
-    by_runtime = {"keras": measure(model_path, "keras", files, args), "litert": measure(lite_path, "litert", files, args)}
+    by_runtime = {
+        "keras": measure(model_path, "keras", files, args),
+        "litert": measure(lite_path, "litert", files, args),
+    }
     lite = by_runtime["litert"]
     size = load_model(model_path, with_gate=False, runtime="litert" if lite_path == model_path else "keras").image_size
     results = {
@@ -166,10 +171,21 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
         "load_average_1min": round(os.getloadavg()[0], 2),
         "runtimes": by_runtime,
-        "goals": {"cold_start_s": GOAL_COLD_S, "single_ms": GOAL_SINGLE_MS, "throughput_over_decode": GOAL_DECODE_RATIO},
+        "goals": {
+            "cold_start_s": GOAL_COLD_S,
+            "single_ms": GOAL_SINGLE_MS,
+            "throughput_over_decode": GOAL_DECODE_RATIO,
+        },
         # the runtime `cxr predict` takes by default (auto: the export)
         **{
-            k: lite[k] for k in ("files_images_per_s", "decode_only_images_per_s", "throughput_over_decode", "single_file_ms_median", "cold_start_cli_s_median")
+            k: lite[k]
+            for k in (
+                "files_images_per_s",
+                "decode_only_images_per_s",
+                "throughput_over_decode",
+                "single_file_ms_median",
+                "cold_start_cli_s_median",
+            )
         },
         "meets_cold_goal": lite["meets_cold_goal"],
         "meets_single_goal": lite["meets_single_goal"],
@@ -193,8 +209,11 @@ def main() -> int:
     print(f"wrote {path.relative_to(ROOT)}")
     if args.profile:
         loaded = load_model(lite_path, runtime="litert")
+
         # one thread, so cProfile sees the decoding too (the threaded run hides it in workers)
-        sequential = lambda: loaded.outputs(np.stack([decode(p, size, loaded.resize)[0] for p in files]), args.batch_size)  # noqa: E731
+        def sequential() -> Any:
+            return loaded.outputs(np.stack([decode(p, size, loaded.resize)[0] for p in files]), args.batch_size)
+
         print(profile_top(sequential, 16))
     tmp.cleanup()
     return 0

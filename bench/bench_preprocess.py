@@ -145,7 +145,10 @@ def profile_decoder(paths: list[str], sizes: list[int], mode: str) -> dict[str, 
             buckets["jpeg_decode"] += tottime
         elif "resize" in name or "'reduce' of" in name:
             buckets["resize"] += tottime
-        elif func in ("draft", "open", "_open", "_accept", "_getexif", "getexif", "exif_transpose", "_seek_check") or "jpegimageplugin" in filename.lower():
+        elif (
+            func in ("draft", "open", "_open", "_accept", "_getexif", "getexif", "exif_transpose", "_seek_check")
+            or "jpegimageplugin" in filename.lower()
+        ):
             buckets["draft_and_header"] += tottime
         elif "asarray" in name or "__array_interface__" in name or "tobytes" in name or "'encode' of" in name:
             buckets["to_numpy"] += tottime
@@ -184,8 +187,14 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=400, help="files to decode per run (default 400)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the median is reported")
     parser.add_argument("--workers", type=int, default=None, help="default: params.yaml preprocess.workers")
-    parser.add_argument("--profile", action="store_true", help="add the cProfile breakdown, the IPC-only run and the write cost")
-    parser.add_argument("--candidates", action="store_true", help="also time the proposed shared-memory decode_all (same pixels, checked)")
+    parser.add_argument(
+        "--profile", action="store_true", help="add the cProfile breakdown, the IPC-only run and the write cost"
+    )
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also time the proposed shared-memory decode_all (same pixels, checked)",
+    )
     parser.add_argument("--quick", action="store_true", help="--images 128 --repeats 1, with the profile")
     args = parser.parse_args()
     if args.quick:
@@ -200,13 +209,19 @@ def main() -> int:
         paths, total_bytes = make_inputs(Path(tmp), args.images)
         n = len(paths)
         methods = {
-            f"decode_all ({workers} workers, real stage code)": lambda: preprocess.decode_all(paths, sizes, mode, workers),
+            f"decode_all ({workers} workers, real stage code)": lambda: preprocess.decode_all(
+                paths, sizes, mode, workers
+            ),
             "load_resized, 1 process": lambda: sequential(load_resized, paths, sizes, mode),
             "plain PIL (no draft), 1 process": lambda: sequential(plain_load, paths, sizes, mode),
-            f"plain PIL (no draft), {workers} processes": lambda: decode_all_with(plain_load, paths, sizes, mode, workers),
+            f"plain PIL (no draft), {workers} processes": lambda: decode_all_with(
+                plain_load, paths, sizes, mode, workers
+            ),
         }
         if args.candidates:
-            methods[f"candidate: decode_all, shared-memory results ({workers} workers)"] = lambda: decode_all_shared(paths, sizes, mode, workers)
+            methods[f"candidate: decode_all, shared-memory results ({workers} workers)"] = lambda: decode_all_shared(
+                paths, sizes, mode, workers
+            )
         seconds: dict[str, list[float]] = {k: [] for k in methods}
         cpu: dict[str, list[float]] = {k: [] for k in methods}
         outputs: dict[str, dict[int, np.ndarray]] = {}
@@ -218,7 +233,10 @@ def main() -> int:
                 seconds[name].append(s)
         real_name, seq_name = list(methods)[:2]
         same_pixels = all(np.array_equal(outputs[real_name][s], outputs[seq_name][s]) for s in sizes)
-        candidates_same = {name: all(np.array_equal(outputs[name][s], outputs[seq_name][s]) for s in sizes) for name in list(methods)[4:]}
+        candidates_same = {
+            name: all(np.array_equal(outputs[name][s], outputs[seq_name][s]) for s in sizes)
+            for name in list(methods)[4:]
+        }
 
         result: dict[str, Any] = {
             "images": n,
@@ -244,11 +262,15 @@ def main() -> int:
             }
             # what the CPU time allows when the processes get a whole core each (the machine is shared)
             procs = 1 if name.endswith("1 process") else workers
-            result["methods"][name]["cpu_bound_images_per_s"] = round(min(procs, os.cpu_count() or 1) * n / float(np.median(cpu[name])), 1)
+            result["methods"][name]["cpu_bound_images_per_s"] = round(
+                min(procs, os.cpu_count() or 1) * n / float(np.median(cpu[name])), 1
+            )
         real_ips = result["methods"][real_name]["images_per_s"]
         result["decode_all_images_per_s"] = real_ips
         result["goal_met"] = real_ips >= GOAL_IPS
-        result["speedup_vs_plain_same_processes"] = round(real_ips / result["methods"][list(methods)[3]]["images_per_s"], 2)
+        result["speedup_vs_plain_same_processes"] = round(
+            real_ips / result["methods"][list(methods)[3]]["images_per_s"], 2
+        )
         result["speedup_vs_plain_1_process"] = round(real_ips / result["methods"][list(methods)[2]]["images_per_s"], 2)
 
         if args.profile:
@@ -263,7 +285,10 @@ def main() -> int:
                 "pool_start_and_stop_s": round(pool_s, 3),
                 "bytes_per_image": int(sum(s * s for s in sizes)),
             }
-            result["write"] = {"what": "cxr.data.cache.write_split of every size (np.save + csv, fsync)", "ms_per_image": round(1000 * write_s / n, 3)}
+            result["write"] = {
+                "what": "cxr.data.cache.write_split of every size (np.save + csv, fsync)",
+                "ms_per_image": round(1000 * write_s / n, 3),
+            }
 
     result["machine_before"] = before
     after = machine_info()
@@ -273,9 +298,18 @@ def main() -> int:
         if name == real_name:
             note = f"goal ≥ {GOAL_IPS:.0f}: {'met' if result['goal_met'] else 'NOT met'}"
         rows.append(
-            (name, f"{m['images_per_s']:.0f}", f"{m['seconds_median']:.2f}", f"{m['cpu_ms_per_image']:.1f}", f"{m['cpu_bound_images_per_s']:.0f}", note)
+            (
+                name,
+                f"{m['images_per_s']:.0f}",
+                f"{m['seconds_median']:.2f}",
+                f"{m['cpu_ms_per_image']:.1f}",
+                f"{m['cpu_bound_images_per_s']:.0f}",
+                note,
+            )
         )
-    print(f"{n} files ({result['input_mb']} MB, copies of {result['distinct_originals']} originals) → sizes {sizes} ({mode}); {machine_line(before)}")
+    print(
+        f"{n} files ({result['input_mb']} MB, copies of {result['distinct_originals']} originals) → sizes {sizes} ({mode}); {machine_line(before)}"
+    )
     print(table(["method", "images/s", "median s", "CPU ms/img", "CPU-bound img/s", "note"], rows, "lrrrrl"))
     print(
         f"decode_all is {result['speedup_vs_plain_same_processes']}x plain PIL with the same {workers} processes, "
@@ -285,7 +319,10 @@ def main() -> int:
         print(f"{name}: pixels equal to load_resized: {same}")
     if args.profile:
         p = result["profile"]
-        print("load_resized, 1 process, cProfile own time per image (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in p["ms_per_image"].items()))
+        print(
+            "load_resized, 1 process, cProfile own time per image (ms): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in p["ms_per_image"].items())
+        )
         ipc = result["ipc_only"]
         print(
             f"Pool + pickling + assembly alone: {ipc['ms_per_image']:.2f} ms/image ({ipc['images_per_s']:.0f} images/s; pool start+stop {ipc['pool_start_and_stop_s']:.2f} s); "

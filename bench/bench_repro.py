@@ -74,7 +74,9 @@ def build_tiny(folder: Path) -> tuple[Path, float]:
 def scratch_copy(origin: Path, dest: Path) -> Path:
     """A working copy of `origin` (its git-visible files, committed or not) sharing its DVC cache;
     outputs are checked out as symlinks into that cache, so nothing large is copied."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=origin, capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=origin, capture_output=True, text=True, check=True
+    ).stdout
     for rel in filter(None, listed.split("\0")):
         src = origin / rel
         if src.is_file():
@@ -155,9 +157,13 @@ def param_change(origin: Path, variant: str, run: bool) -> dict[str, Any]:
             "expected": sorted({f"train@{variant}", f"evaluate@{variant}", "report"}),
         }
         # init_from chains (transfer_finetuned starts from models/transfer_frozen.keras) rerun by design
-        chained = sorted(f"train@{k}" for k, v in params["variants"].items() if v.get("init_from") == f"models/{variant}.keras")
+        chained = sorted(
+            f"train@{k}" for k, v in params["variants"].items() if v.get("init_from") == f"models/{variant}.keras"
+        )
         if chained:
-            result["expected"] = sorted(set(result["expected"]) | set(chained) | {f"evaluate@{c.split('@')[1]}" for c in chained})
+            result["expected"] = sorted(
+                set(result["expected"]) | set(chained) | {f"evaluate@{c.split('@')[1]}" for c in chained}
+            )
         result["goal_met"] = not baseline and set(would) == set(result["expected"])
         if run:
             try:
@@ -172,11 +178,17 @@ def param_change(origin: Path, variant: str, run: bool) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="no-op repro runs (median)")
-    parser.add_argument("--variant", default="cnn_baseline", help="variant whose learning_rate is changed in the scratch copy")
+    parser.add_argument(
+        "--variant", default="cnn_baseline", help="variant whose learning_rate is changed in the scratch copy"
+    )
     parser.add_argument("--run", action="store_true", help="tiny project only: also run the repro after the change")
     parser.add_argument("--tiny", action="store_true", help="use the tiny project even when the real one is clean")
-    parser.add_argument("--tiny-dir", type=Path, help="build the tiny project here and keep it; reuse it when it is already built")
-    parser.add_argument("--quick", action="store_true", help="same as the defaults without --run (the tiny build dominates)")
+    parser.add_argument(
+        "--tiny-dir", type=Path, help="build the tiny project here and keep it; reuse it when it is already built"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="same as the defaults without --run (the tiny build dominates)"
+    )
     args = parser.parse_args()
     before = machine_info()
     clean, why = (False, "--tiny given") if args.tiny else real_project_clean()
@@ -190,7 +202,10 @@ def main() -> int:
         else:
             folder = args.tiny_dir or Path(tmp)
             folder.mkdir(parents=True, exist_ok=True)
-            print(f"real project not usable ({why}): building the tiny synthetic project in {folder} (a few minutes)…", flush=True)
+            print(
+                f"real project not usable ({why}): building the tiny synthetic project in {folder} (a few minutes)…",
+                flush=True,
+            )
             origin, build_s = build_tiny(folder)
             result["tiny_first_repro_s"] = round(build_s, 1)
         result["noop_repro"] = time_noop(origin, args.repeats, recheck=clean)

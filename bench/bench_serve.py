@@ -78,7 +78,13 @@ def bad_uploads(folder: Path, sample: bytes) -> dict[str, tuple[dict[str, Any], 
     """kind → (post_file kwargs, expected status)."""
     from testkit.dicomfiles import write_dicom
 
-    sr = write_dicom(folder / "sr.dcm", np.full((64, 64), 128, np.uint8), SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11", Modality="SR", PixelData=None)
+    sr = write_dicom(
+        folder / "sr.dcm",
+        np.full((64, 64), 128, np.uint8),
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11",
+        Modality="SR",
+        PixelData=None,
+    )
     return {
         "no_file": ({"filename": None, "data": None}, 422),
         "empty": ({"filename": "empty.jpeg", "data": b""}, 422),
@@ -92,7 +98,18 @@ def bad_uploads(folder: Path, sample: bytes) -> dict[str, tuple[dict[str, Any], 
 
 def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "cxr.serving.cli", "serve", "--model", str(model), "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cxr.serving.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        "--max-upload-mb",
+        str(MAX_UPLOAD_MB),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while True:
@@ -122,12 +139,23 @@ def screenshot(url: str, image: Path, want: dict[str, Any]) -> dict[str, Any]:
         page = upload_in_page(driver, url, image)
         driver.save_screenshot(str(target))
     same = page["probability"] == f"{want['probability']:.4f}" and page["label"] == want["label"]
-    return {"taken": True, "path": str(target.relative_to(ROOT)), "page_probability": page["probability"], "page_label": page["label"], "equals_predict": same}
+    return {
+        "taken": True,
+        "path": str(target.relative_to(ROOT)),
+        "page_probability": page["probability"],
+        "page_label": page["label"],
+        "equals_predict": same,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", nargs="?", type=Path, help="a .keras file with its sidecar (default: the best trained model, else a stand-in)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        help="a .keras file with its sidecar (default: the best trained model, else a stand-in)",
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="300 requests")
@@ -144,7 +172,9 @@ def main() -> int:
     if model is None:
         (model, weights), standin = build_standin(folder), True
     samples = sample_files()
-    loaded = load_model(model, runtime="auto")  # what `cxr predict` and `cxr serve` use by default (the LiteRT export when there is one)
+    loaded = load_model(
+        model, runtime="auto"
+    )  # what `cxr predict` and `cxr serve` use by default (the LiteRT export when there is one)
     # what `cxr predict FILE` prints for each file alone (a batch of one, as the service runs each upload)
     want = {p.name: predict_files([p], loaded)[0].as_dict() for p in samples}
     distinct = len({round(w["probability"], 6) for w in want.values()})
@@ -173,13 +203,20 @@ def main() -> int:
             try:
                 got, body = post_file(url + "/predict", **kwargs, timeout=300)
             except Exception as exc:  # a dropped connection or a non-JSON answer is a failure to report, not to stop on
-                return {"what": what, "key": key, "status": None, "error": type(exc).__name__, "ms": 1000 * (time.perf_counter() - t0)}
+                return {
+                    "what": what,
+                    "key": key,
+                    "status": None,
+                    "error": type(exc).__name__,
+                    "ms": 1000 * (time.perf_counter() - t0),
+                }
             ms = 1000 * (time.perf_counter() - t0)
             row = {"what": what, "key": key, "status": got, "expected": status, "ms": ms}
             if what == "good" and got == 200:
                 w = want[key]
                 row["equal"] = abs(body["probability"] - w["probability"]) <= 1e-6 and all(
-                    body[k] == w[k] for k in ("label", "threshold", "ood_score", "ood", "ood_reason", "refer_low", "refer_high")
+                    body[k] == w[k]
+                    for k in ("label", "threshold", "ood_score", "ood", "ood_reason", "refer_low", "refer_high")
                 )
             return row
 
@@ -199,14 +236,21 @@ def main() -> int:
     wrong_status = [r for r in rows if r["status"] is not None and r["status"] != r["expected"]]
     goods = [r for r in rows if r["what"] == "good" and r["status"] == 200]
     mismatches = sum(1 for r in goods if not r["equal"])
-    ms_all, ms_good, ms_bad = [r["ms"] for r in rows], [r["ms"] for r in goods], [r["ms"] for r in rows if r["what"] == "bad"]
+    ms_all, ms_good, ms_bad = (
+        [r["ms"] for r in rows],
+        [r["ms"] for r in goods],
+        [r["ms"] for r in rows if r["what"] == "bad"],
+    )
     ok = server_errors == 0 and connection_errors == 0 and not wrong_status and mismatches == 0 and len(goods) == n_good
     result = {
         "requests": len(rows),
         "concurrency": args.concurrency,
         "good_requests": n_good,
         "bad_requests": len(rows) - n_good,
-        "bad_kinds": {k: {"expected_status": s, "count": sum(1 for r in rows if r["what"] == "bad" and r["key"] == k)} for k, (_, s) in bad.items()},
+        "bad_kinds": {
+            k: {"expected_status": s, "count": sum(1 for r in rows if r["what"] == "bad" and r["key"] == k)}
+            for k, (_, s) in bad.items()
+        },
         "statuses": dict(sorted(statuses.items())),
         "server_errors_5xx": server_errors,
         "connection_errors": connection_errors,
@@ -244,15 +288,24 @@ def main() -> int:
         table(
             ["figure", "value"],
             [
-                ("requests (good / bad), concurrency", f"{len(rows)} ({n_good} / {len(rows) - n_good}), {args.concurrency}"),
+                (
+                    "requests (good / bad), concurrency",
+                    f"{len(rows)} ({n_good} / {len(rows) - n_good}), {args.concurrency}",
+                ),
                 ("statuses", ", ".join(f"{k}: {v}" for k, v in result["statuses"].items())),
                 ("5xx / connection errors / wrong 4xx", f"{server_errors} / {connection_errors} / {len(wrong_status)}"),
-                ("good answers equal to predict_files", f"{len(goods) - mismatches} of {n_good} ({distinct} distinct probabilities over {len(want)} files)"),
+                (
+                    "good answers equal to predict_files",
+                    f"{len(goods) - mismatches} of {n_good} ({distinct} distinct probabilities over {len(want)} files)",
+                ),
                 ("latency p50 / p99, all (ms)", f"{lat['all']['p50']} / {lat['all']['p99']}"),
                 ("latency p50 / p99, good (ms)", f"{lat['good']['p50']} / {lat['good']['p99']}"),
                 ("latency p50 / p99, bad (ms)", f"{lat['bad']['p50']} / {lat['bad']['p99']}"),
                 ("throughput", f"{result['requests_per_s']} requests/s ({wall:.1f} s)"),
-                ("server RSS before → after (peak), MiB", f"{memory_before['VmRSS']} → {memory_after['VmRSS']} ({memory_after['VmHWM']})"),
+                (
+                    "server RSS before → after (peak), MiB",
+                    f"{memory_before['VmRSS']} → {memory_after['VmRSS']} ({memory_after['VmHWM']})",
+                ),
                 ("model", f"{result['model']}{' (UNTRAINED stand-in)' if standin else ''}, {loaded.image_size} px"),
                 ("screenshot", shot.get("path") or shot.get("why")),
             ],

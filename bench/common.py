@@ -109,9 +109,17 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], align: str | No
     align = align or "l" * len(headers)
 
     def fmt(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, align, strict=True)) + " |"
+        return (
+            "| "
+            + " | ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, align, strict=True))
+            + " |"
+        )
 
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align, strict=True)) + "|"
+    sep = (
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if a == "r" else ("-" * (w + 2)) for w, a in zip(widths, align, strict=True))
+        + "|"
+    )
     return "\n".join([fmt(headers), sep] + [fmt(r) for r in rows])
 
 
@@ -141,8 +149,14 @@ def build_standin(folder: Path) -> tuple[Path, str]:
 
     keras.utils.set_random_seed(0)
     cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
-    weights = "imagenet" if (cache / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_{STANDIN_SIZE}_no_top.h5").is_file() else None
-    backbone = keras.applications.MobileNetV2(input_shape=(STANDIN_SIZE, STANDIN_SIZE, 3), alpha=0.35, include_top=False, weights=weights, pooling="avg")
+    weights = (
+        "imagenet"
+        if (cache / f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_{STANDIN_SIZE}_no_top.h5").is_file()
+        else None
+    )
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(STANDIN_SIZE, STANDIN_SIZE, 3), alpha=0.35, include_top=False, weights=weights, pooling="avg"
+    )
     inputs = keras.Input((STANDIN_SIZE, STANDIN_SIZE, 1))
     x = layers.Rescaling(1.0 / 127.5, offset=-1)(inputs)
     features = backbone(layers.Concatenate()([x, x, x]))
@@ -152,7 +166,9 @@ def build_standin(folder: Path) -> tuple[Path, str]:
     head.set_weights([rng.normal(0, 0.1, (features.shape[-1], 1)).astype("float32"), np.zeros(1, "float32")])
     path = folder / "standin.keras"
     model.save(path)
-    untrained = ValSummary(roc_auc=float("nan"), accuracy=float("nan"), sensitivity=float("nan"), specificity=float("nan"), n=0)
+    untrained = ValSummary(
+        roc_auc=float("nan"), accuracy=float("nan"), sensitivity=float("nan"), specificity=float("nan"), n=0
+    )
     Sidecar(
         variant="standin",
         model="transfer_frozen",

@@ -100,7 +100,9 @@ def rows_repro(r: dict[str, Any]) -> list[Row]:
         row(
             f"one variant's param changed ({pc['param']} ×10, scratch copy of the {r['project']} project)",
             "reruns only " + ", ".join(pc["expected"]),
-            "would rerun: " + (", ".join(pc["would_rerun"]) or "nothing") + ("; ran: " + ", ".join(pc["actually_ran"]) if "actually_ran" in pc else ""),
+            "would rerun: "
+            + (", ".join(pc["would_rerun"]) or "nothing")
+            + ("; ran: " + ", ".join(pc["actually_ran"]) if "actually_ran" in pc else ""),
             pc["goal_met"],
         ),
     ]
@@ -189,17 +191,34 @@ def read_training() -> tuple[list[Row], dict[str, Any]]:
     names = variant_names()
     sidecars = {v: read_sidecar(v) for v in names}
     summary = read_json(ROOT / "metrics" / "summary.json")
-    done = {v: {"train_seconds": s.train_seconds, "epochs_run": s.epochs_run, "image_size": s.image_size} for v, s in sidecars.items() if s is not None}
+    done = {
+        v: {"train_seconds": s.train_seconds, "epochs_run": s.epochs_run, "image_size": s.image_size}
+        for v, s in sidecars.items()
+        if s is not None
+    }
     data = {
         "variants": done,
         "source": fetch_source(),
         "best": (summary or {}).get("best"),
     }
     if not done:
-        return [row("training: each default variant's wall time and epochs", "total ≤ 45 min; best ≤ 15 min", NOT_RUN + " (no models/<v>.json)", NOT_RUN)], data
+        return [
+            row(
+                "training: each default variant's wall time and epochs",
+                "total ≤ 45 min; best ≤ 15 min",
+                NOT_RUN + " (no models/<v>.json)",
+                NOT_RUN,
+            )
+        ], data
     src = f" (source {data['source']})" if data["source"] else ""
     rows = [
-        row(f"training: {v} ({s.get('image_size')} px)", "", f"{s['train_seconds'] / 60:.1f} min, {s.get('epochs_run')} epochs", None) for v, s in done.items()
+        row(
+            f"training: {v} ({s.get('image_size')} px)",
+            "",
+            f"{s['train_seconds'] / 60:.1f} min, {s.get('epochs_run')} epochs",
+            None,
+        )
+        for v, s in done.items()
     ]
     total = sum(s["train_seconds"] for s in done.values())
     missing = [v for v in names if v not in done]
@@ -215,14 +234,24 @@ def read_training() -> tuple[list[Row], dict[str, Any]]:
     best = data["best"]
     if best in done:
         rows.append(
-            row(f"training: best model ({best}), all it needs", "≤ 15 min", f"{done[best]['train_seconds'] / 60:.1f} min", done[best]["train_seconds"] <= 900)
+            row(
+                f"training: best model ({best}), all it needs",
+                "≤ 15 min",
+                f"{done[best]['train_seconds'] / 60:.1f} min",
+                done[best]["train_seconds"] <= 900,
+            )
         )
     else:
         rows.append(row("training: best model", "≤ 15 min", NOT_RUN + " (no metrics/summary.json)", NOT_RUN))
     return rows, data
 
 
-QUALITY_GOALS = (("accuracy", 0.95, "acc"), ("sensitivity", 0.97, "sens"), ("specificity", 0.92, "spec"), ("roc_auc", 0.985, "AUC"))
+QUALITY_GOALS = (
+    ("accuracy", 0.95, "acc"),
+    ("sensitivity", 0.97, "sens"),
+    ("specificity", 0.92, "spec"),
+    ("roc_auc", 0.985, "AUC"),
+)
 
 
 def read_quality() -> tuple[list[Row], dict[str, Any]]:
@@ -245,7 +274,11 @@ def read_quality() -> tuple[list[Row], dict[str, Any]]:
         data[key] = value
         shown = "n/a" if value is None else (f"{value:.4f}" if key == "roc_auc" else f"{100 * value:.1f}%")
         if ci and value is not None:
-            shown += f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if key == "roc_auc" else f" (95% CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%)"
+            shown += (
+                f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})"
+                if key == "roc_auc"
+                else f" (95% CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%)"
+            )
         goal_s = f"≥ {goal}" if key == "roc_auc" else f"≥ {100 * goal:.0f}%"
         rows.append(
             row(
@@ -277,7 +310,14 @@ BENCHES = [
     Bench("preprocess", "bench_preprocess.py", ["--profile"], ["--quick"], "preprocess.json", rows_preprocess),
     Bench("training", reader=read_training),
     Bench("repro", "bench_repro.py", ["--run"], ["--quick"], "repro.json", rows_repro),
-    Bench("predict", "bench_predict.py", [], ["--images", "64", "--repeats", "10", "--cold-runs", "1"], "predict.json", rows_predict),
+    Bench(
+        "predict",
+        "bench_predict.py",
+        [],
+        ["--images", "64", "--repeats", "10", "--cold-runs", "1"],
+        "predict.json",
+        rows_predict,
+    ),
     Bench("serve", "bench_serve.py", [], ["--quick"], "serve.json", rows_serve),
     Bench("quality", reader=read_quality),
 ]
@@ -318,7 +358,11 @@ def run_one(b: Bench, quick: bool, reuse: bool, timeout: int) -> dict[str, Any]:
         record["load_average_after"] = load_average()
         fresh = path.is_file() and path.stat().st_mtime >= started
         if record["returncode"] != 0 or not fresh:
-            why = f"exit {record['returncode']}" if record["returncode"] != 0 else f"{record['result_file']} not rewritten"
+            why = (
+                f"exit {record['returncode']}"
+                if record["returncode"] != 0
+                else f"{record['result_file']} not rewritten"
+            )
             record.update(ok=False, rows=[row(f"{b.name}", "", f"FAILED ({why}); see the output above", "failed")])
             return record
     data = read_json(path)
@@ -340,7 +384,9 @@ def run_one(b: Bench, quick: bool, reuse: bool, timeout: int) -> dict[str, Any]:
     for r in rows:
         r["measured"] += note
     if reuse:
-        stamp = (data.get("machine") or {}).get("timestamp") or time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime)) + " (file time)"
+        stamp = (data.get("machine") or {}).get("timestamp") or time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime)
+        ) + " (file time)"
         for r in rows:
             r["figure"] += f" [from {stamp}]"
     record.update(ok=True, rows=rows, data=data)
@@ -350,16 +396,24 @@ def run_one(b: Bench, quick: bool, reuse: bool, timeout: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--only", action="append", default=[], metavar="NAME", help=f"run only these (repeat or comma-separate): {', '.join(b.name for b in BENCHES)}"
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"run only these (repeat or comma-separate): {', '.join(b.name for b in BENCHES)}",
     )
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats")
-    parser.add_argument("--reuse", action="store_true", help="run nothing; tabulate bench/results/*.json as last written")
+    parser.add_argument(
+        "--reuse", action="store_true", help="run nothing; tabulate bench/results/*.json as last written"
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per benchmark script (default 3600)")
     args = parser.parse_args()
     known = {b.name for b in BENCHES}
     only = {n.strip() for item in args.only for n in item.split(",") if n.strip()}
     if only - known:
-        parser.error(f"unknown benchmark(s) {', '.join(sorted(only - known))}; known: {', '.join(b.name for b in BENCHES)}")
+        parser.error(
+            f"unknown benchmark(s) {', '.join(sorted(only - known))}; known: {', '.join(b.name for b in BENCHES)}"
+        )
 
     machine = machine_info()
     started = time.time()
@@ -371,7 +425,9 @@ def main() -> int:
         f"\n{machine_line(machine)}; load average after: {machine_after['load_average_1_5_15'][0] if machine_after['load_average_1_5_15'] else '?'}"
         f"{'; --quick' if args.quick else ''}{'; --reuse (figures from earlier runs)' if args.reuse else ''}"
     )
-    print(table(["figure", "goal", "measured", "met?"], [(r["figure"], r["goal"], r["measured"], r["met"]) for r in rows]))
+    print(
+        table(["figure", "goal", "measured", "met?"], [(r["figure"], r["goal"], r["measured"], r["met"]) for r in rows])
+    )
     summary = {
         "timestamp": machine["timestamp"],
         "git_commit": machine["git_commit"],

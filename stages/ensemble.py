@@ -41,7 +41,9 @@ def main() -> int:
     out = f"{name}{ENSEMBLE_SUFFIX}"
     save_result(result, Path("models") / f"{out}.keras", Path("models") / f"{out}.json")
     # Per fold too, so a reader sees how much the folds differ (the noise floor of one fold model).
-    per_fold = {int(k): binary_metrics(g["label"], g["probability"], result.meta.threshold) for k, g in oof.groupby("fold")}
+    per_fold = {
+        int(k): binary_metrics(g["label"], g["probability"], result.meta.threshold) for k, g in oof.groupby("fold")
+    }
     write_json(
         Path("metrics") / f"{out}_oof.json",
         {
@@ -52,7 +54,9 @@ def main() -> int:
         },
     )
     # Stress on out-of-fold images too: each shifted image scored by the fold model that never saw it.
-    stress = stress_summary(oof["label"].to_numpy(), oof["probability"].to_numpy(), result.stress_prob, result.meta.threshold)
+    stress = stress_summary(
+        oof["label"].to_numpy(), oof["probability"].to_numpy(), result.stress_prob, result.meta.threshold
+    )
     write_json(Path("metrics") / f"{out}_stress.json", stress)
     v = result.meta.val
     print(

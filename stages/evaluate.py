@@ -53,10 +53,14 @@ def main() -> int:
     else:
         val = load_split(cache_dir("data/processed", loaded.image_size), "val")
         val_y, val_p, val_paths = val.y, predict_arrays(loaded.model, val.x), val.rows["path"]
-    result.metrics["val_specificity_by_series"] = specificity_by_series(val_y, val_p, val_paths, loaded.threshold) if len(val_y) else {}
+    result.metrics["val_specificity_by_series"] = (
+        specificity_by_series(val_y, val_p, val_paths, loaded.threshold) if len(val_y) else {}
+    )
     # Platt scaling fitted on validation (out-of-fold for an ensemble): does 0.5 then mean 0.5?
     if len(set(val_y.tolist())) == 2:
-        result.metrics["calibration"] = calibration_report(val_y, val_p, test.y, test_p, params.evaluate.calibration_bins)
+        result.metrics["calibration"] = calibration_report(
+            val_y, val_p, test.y, test_p, params.evaluate.calibration_bins
+        )
         result.metrics["calibration"]["fitted_on"] = "out-of-fold" if name.endswith(ENSEMBLE_SUFFIX) else "validation"
     # Everything is computed before anything is written: an error leaves the old outputs whole.
     for table, frame in result.tables.items():
@@ -64,7 +68,11 @@ def main() -> int:
             frame.to_csv(fh, index=False)
     write_json(Path("metrics") / f"{name}.json", result.metrics)
     m = result.metrics
-    shown = " ".join(f"{k}={m[k]:.3f}" for k in ("threshold", "accuracy", "sensitivity", "specificity", "roc_auc") if m[k] is not None)
+    shown = " ".join(
+        f"{k}={m[k]:.3f}"
+        for k in ("threshold", "accuracy", "sensitivity", "specificity", "roc_auc")
+        if m[k] is not None
+    )
     print(f"evaluate@{name}: n={m['n_test']} {shown}; roc_auc 95% CI {m['ci95']['roc_auc']}")
     return 0
 

@@ -19,7 +19,12 @@ RAW = Path("data/raw")
 
 def main() -> int:
     settings = cxr_params.load().fetch
-    report = fetch(settings.source, RAW, max_uncompressed_bytes=int(settings.max_uncompressed_mb * MB), timeout_s=float(settings.timeout_s))
+    report = fetch(
+        settings.source,
+        RAW,
+        max_uncompressed_bytes=int(settings.max_uncompressed_mb * MB),
+        timeout_s=float(settings.timeout_s),
+    )
     print(report.summary())
     return 0
 

@@ -62,9 +62,22 @@ def main() -> int:
     if name.endswith(ENSEMBLE_SUFFIX):
         # The ensemble's members trained on the validation images; its refer band comes from the
         # out-of-fold predictions instead (each image scored by the member that never saw it).
-        val_p = read_oof([fold_paths(name.removesuffix(ENSEMBLE_SUFFIX), k)[2] for k in params.cv.folds])["probability"].to_numpy()
+        val_p = read_oof([fold_paths(name.removesuffix(ENSEMBLE_SUFFIX), k)[2] for k in params.cv.folds])[
+            "probability"
+        ].to_numpy()
     checks = ood.Checks(params.ood.min_std, params.ood.max_colourfulness, params.ood.max_aspect)
-    gate = ood.fit_gate(train_f, train.x, val_f, val.x, val_p, loaded.threshold, params.ood.keep_val, params.predict.refer_coverage, checks, params.seed)
+    gate = ood.fit_gate(
+        train_f,
+        train.x,
+        val_f,
+        val.x,
+        val_p,
+        loaded.threshold,
+        params.ood.keep_val,
+        params.predict.refer_coverage,
+        checks,
+        params.seed,
+    )
     gated = replace(loaded, gate=gate, features=features)
 
     # The official test X-rays, from their files as a user would pass them.
@@ -80,9 +93,13 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="cxr-ood-") as tmp:
         for family, images in families.items():
-            paths = ood_families.write_family(images, Path(tmp) / family, "jpg" if family.startswith("photos") else "png")
+            paths = ood_families.write_family(
+                images, Path(tmp) / family, "jpg" if family.startswith("photos") else "png"
+            )
             preds = predict_files(paths, gated)
-            results[family] = family_result(np.array([p.ood_score for p in preds]), np.array([p.ood for p in preds]), test_scores)
+            results[family] = family_result(
+                np.array([p.ood_score for p in preds]), np.array([p.ood for p in preds]), test_scores
+            )
 
     # The refer band on test (labels used only to report), and the risk–coverage curve.
     y = test.y
@@ -97,7 +114,10 @@ def main() -> int:
         "n_train": len(train),
         "n_val": len(val),
         "test_false_flag_rate": float(test_flagged.mean()),
-        "test_flagged_by": {why: int(n) for why, n in pd.Series([r.ood_reason.split(" (")[0] for r in test_pred if r.ood]).value_counts().items()},
+        "test_flagged_by": {
+            why: int(n)
+            for why, n in pd.Series([r.ood_reason.split(" (")[0] for r in test_pred if r.ood]).value_counts().items()
+        },
         "families": results,
         "families_flag_rate": float(np.mean([r["flag_rate"] for r in results.values()])),
         "refer_band": {
@@ -119,7 +139,9 @@ def main() -> int:
     rates = " ".join(f"{k}={v['flag_rate']:.2f}" for k, v in results.items())
     b = metrics["refer_band"]
     print(f"ood@{name}: test false flags {metrics['test_false_flag_rate']:.3f}; flagged {rates}")
-    print(f"ood@{name}: refer band [{b['low']:.4f}, {b['high']:.4f}] answers {b['val_coverage']:.3f} of val, {b['test']['coverage']:.3f} of test")
+    print(
+        f"ood@{name}: refer band [{b['low']:.4f}, {b['high']:.4f}] answers {b['val_coverage']:.3f} of val, {b['test']['coverage']:.3f} of test"
+    )
     return 0
 
 

@@ -32,7 +32,9 @@ def decode_all(paths: list[str], sizes: list[int], mode: str, workers: int) -> d
     out = {s: np.empty((len(paths), s, s, 1), np.uint8) for s in sizes}
     work = partial(load_resized, sizes=sizes, mode=mode)
     with Pool(workers) as pool:
-        for i, arrays in enumerate(tqdm(pool.imap(work, paths, chunksize=16), total=len(paths), desc="decode", unit="img")):
+        for i, arrays in enumerate(
+            tqdm(pool.imap(work, paths, chunksize=16), total=len(paths), desc="decode", unit="img")
+        ):
             for s in sizes:
                 out[s][i] = arrays[s]
     return out
@@ -52,7 +54,9 @@ def main() -> int:
             for split in SPLITS:
                 keep = (manifest["split"] == split).to_numpy()
                 write_split(tmp / str(size), split, arrays[size][keep], manifest[keep].reset_index(drop=True))
-    print(f"preprocess: {len(manifest)} images → sizes {sizes} ({params.preprocess.resize}) in {seconds:.1f} s, {len(manifest) / seconds:.0f} images/s")
+    print(
+        f"preprocess: {len(manifest)} images → sizes {sizes} ({params.preprocess.resize}) in {seconds:.1f} s, {len(manifest) / seconds:.0f} images/s"
+    )
     return 0
 
 

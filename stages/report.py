@@ -28,11 +28,15 @@ def main() -> int:
     # Figures go to a temporary folder that replaces plots/figures only when everything succeeded.
     with atomic_dir(FIGURES) as tmp:
         figures, notes = cxr_figures.make_figures(results, curves, tmp)
-        skipped = cxr_figures.make_gradcam(best, results[best].predictions, params.report.gradcam_per_outcome, tmp / "gradcam_grid.png")
+        skipped = cxr_figures.make_gradcam(
+            best, results[best].predictions, params.report.gradcam_per_outcome, tmp / "gradcam_grid.png"
+        )
         ood, curve = report.read_ood(best)
         if ood is not None:
             cxr_figures.plot_risk_coverage(best, curve, ood, tmp / "risk_coverage.png")
-            figures[f"Risk-coverage of {best}: accuracy and specificity of the answered test images"] = tmp / "risk_coverage.png"
+            figures[f"Risk-coverage of {best}: accuracy and specificity of the answered test images"] = (
+                tmp / "risk_coverage.png"
+            )
         else:
             notes.append(f"No out-of-distribution results for {best}: run `dvc repro ood@{best}`.")
         if skipped is None:
@@ -58,7 +62,9 @@ def main() -> int:
         with atomic_file(Path("plots/report.html")) as fh:
             fh.write(page)
         write_json(Path("metrics/summary.json"), summary)
-    print(f"report: best = {best} by {summary['selected_by']} ({summary['variants'][best][summary['select_by']]:.4f}); plots/report.html")
+    print(
+        f"report: best = {best} by {summary['selected_by']} ({summary['variants'][best][summary['select_by']]:.4f}); plots/report.html"
+    )
     return 0
 
 

@@ -48,12 +48,16 @@ def main() -> int:
     images = dataset.scan(RAW / "chest_xray")
     images["sha256"] = sha256s(images)
     with Pool(params.preprocess.workers) as pool:
-        reasons = list(tqdm(pool.imap(check_image, images["path"], chunksize=32), total=len(images), desc="verify", unit="img"))
+        reasons = list(
+            tqdm(pool.imap(check_image, images["path"], chunksize=32), total=len(images), desc="verify", unit="img")
+        )
     images["reason"] = reasons
     bad = images[images["reason"].notna()]
     usable = images[images["reason"].isna()]
 
-    manifest, removed = dataset.make_manifest(usable, params.split.strategy, params.split.val_fraction, params.seed, params.split.folds)
+    manifest, removed = dataset.make_manifest(
+        usable, params.split.strategy, params.split.val_fraction, params.seed, params.split.folds
+    )
     dataset.check_manifest(manifest)
     audit = {
         "strategy": params.split.strategy,

@@ -39,7 +39,9 @@ def main() -> int:
     params = cxr_params.load()
     variant = params.variant(name)
     if args.fold is not None and (name not in params.cv.variants or args.fold not in params.cv.folds):
-        raise CxrError(f"--fold {args.fold} for {name}: params.yaml cv.variants {params.cv.variants} and cv.folds {params.cv.folds} must include them")
+        raise CxrError(
+            f"--fold {args.fold} for {name}: params.yaml cv.variants {params.cv.variants} and cv.folds {params.cv.folds} must include them"
+        )
     # TensorFlow loads only once params.yaml is known to be good: a bad value fails in a second.
     from cxr.evaluation.stress import stress_summary
     from cxr.model.distribute import cluster_errors, get_strategy, is_chief, output_root, task_of
@@ -68,14 +70,24 @@ def main() -> int:
             result = train_variant(variant, params, train, val)
             model_path, meta_path, oof_path = fold_paths(name, args.fold, root)
             stressed = {f"p_{shift}": p for shift, p in result.stress_prob.items()}
-            oof = pd.DataFrame({"path": val.rows["path"], "label": val.y, "fold": args.fold, "probability": result.val_prob, **stressed})
+            oof = pd.DataFrame(
+                {
+                    "path": val.rows["path"],
+                    "label": val.y,
+                    "fold": args.fold,
+                    "probability": result.val_prob,
+                    **stressed,
+                }
+            )
             with atomic_file(oof_path) as fh:
                 oof.to_csv(fh, index=False)
             save_result(result, model_path, meta_path)
             written = f"{model_path.relative_to(root)} (+ .json, .oof.csv: {len(oof)} out-of-fold images)"
     seconds = time.perf_counter() - start
     if chief:
-        print(f"train@{name}{'' if args.fold is None else f' fold {args.fold}'}: wrote {written} in {seconds:.1f} s wall")
+        print(
+            f"train@{name}{'' if args.fold is None else f' fold {args.fold}'}: wrote {written} in {seconds:.1f} s wall"
+        )
     else:
         print(f"train@{name}: {task.type} {task.index} finished in {seconds:.1f} s wall; the chief wrote the outputs")
     return 0

@@ -69,10 +69,14 @@ def write_dicom(
 def main(argv: list[str] | None = None) -> None:
     from cxr.data.images import open_image
 
-    parser = argparse.ArgumentParser(prog="python -m testkit.dicomfiles", description="Write IMAGE's 8-bit grayscale pixels as a DX DICOM file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m testkit.dicomfiles", description="Write IMAGE's 8-bit grayscale pixels as a DX DICOM file."
+    )
     parser.add_argument("image", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--phi", action="store_true", help="fill the header with made-up patient data (testkit.dicomfiles.PHI)")
+    parser.add_argument(
+        "--phi", action="store_true", help="fill the header with made-up patient data (testkit.dicomfiles.PHI)"
+    )
     args = parser.parse_args(argv)
     pixels = np.asarray(open_image(args.image), np.uint8)
     write_dicom(args.out, pixels, **(PHI if args.phi else {}))

@@ -149,7 +149,11 @@ class LoopbackServer:
         if head:
             return
         with self._lock:
-            drop_at = self.drop_after if self.drop_after is not None and self.stats.drops == 0 and len(body) > self.drop_after else None
+            drop_at = (
+                self.drop_after
+                if self.drop_after is not None and self.stats.drops == 0 and len(body) > self.drop_after
+                else None
+            )
             if drop_at is not None:
                 self.stats.drops += 1
         limit = len(body) if drop_at is None else drop_at

@@ -24,7 +24,9 @@ class CommandError(RuntimeError):
     """A command run by `sh` exited non-zero; the message holds the end of its output."""
 
 
-def sh(cwd: Path, *args: str, timeout: int = 900, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def sh(
+    cwd: Path, *args: str, timeout: int = 900, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command in `cwd` as `make repro` would: the venv's tools first on PATH, `cxr` imported
     from `cwd` (PYTHONPATH), a throw-away git identity; raise CommandError on failure if `check`."""
     full_env = {
@@ -42,7 +44,9 @@ def sh(cwd: Path, *args: str, timeout: int = 900, check: bool = True, env: dict[
     full_env.setdefault("PYTHONHASHSEED", "0")  # as the Makefile sets it
     done = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
-        raise CommandError(f"`{' '.join(map(str, args))}` in {cwd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise CommandError(
+            f"`{' '.join(map(str, args))}` in {cwd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return done
 
 
@@ -75,7 +79,10 @@ def build_tiny_pipeline(folder: Path) -> tuple[Path, subprocess.CompletedProcess
 
     from testkit.synth import Counts, make_archive
 
-    archive = make_archive(folder / "archive.zip", counts={"train": Counts(normal=8, bacteria=6, virus=5), "test": Counts(normal=4, bacteria=3, virus=3)})
+    archive = make_archive(
+        folder / "archive.zip",
+        counts={"train": Counts(normal=8, bacteria=6, virus=5), "test": Counts(normal=4, bacteria=3, virus=3)},
+    )
     work = folder / "origin"
     work.mkdir()
     for name in ("dvc.yaml", ".gitignore"):

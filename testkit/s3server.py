@@ -138,10 +138,20 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Self:
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION}
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+        }
         env.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)  # auth is off until enforce_auth()
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(HOLD_LIMIT_S)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+            [sys.executable, "-c", _CHILD, str(HOLD_LIMIT_S)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         line = ""
@@ -181,7 +191,9 @@ class S3Server:
     def client(self, service: str = "s3", key: str = ACCESS_KEY, secret: str = SECRET_KEY):
         import boto3
 
-        return boto3.client(service, endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=key, aws_secret_access_key=secret)
+        return boto3.client(
+            service, endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=key, aws_secret_access_key=secret
+        )
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         """Every object key under `prefix` (with the server's default test credentials)."""
@@ -213,5 +225,10 @@ class S3Server:
 
     def _post(self, path: str, data: bytes = b"") -> bytes:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
-        with opener.open(urllib.request.Request(self.endpoint + path, data=data, method="POST", headers={"Content-Type": "text/plain"}), timeout=30) as resp:
+        with opener.open(
+            urllib.request.Request(
+                self.endpoint + path, data=data, method="POST", headers={"Content-Type": "text/plain"}
+            ),
+            timeout=30,
+        ) as resp:
             return resp.read()

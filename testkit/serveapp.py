@@ -42,7 +42,9 @@ def running(app: Any, timeout: float = 30.0) -> Iterator[str]:
         sock.close()
 
 
-def post_file(url: str, filename: str | None, data: bytes | None, field: str = "file", timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+def post_file(
+    url: str, filename: str | None, data: bytes | None, field: str = "file", timeout: float = 60.0
+) -> tuple[int, dict[str, Any]]:
     """POST one file as multipart/form-data (`data` None: an empty form) → (status, JSON body)."""
     import json
     import urllib.error
@@ -55,7 +57,9 @@ def post_file(url: str, filename: str | None, data: bytes | None, field: str = "
         head = f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
         parts.append(head.encode() + data + b"\r\n")
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
@@ -85,7 +89,13 @@ def headless_chromium(width: int = 1000, height: int = 1300) -> Iterator[Any]:
         raise RuntimeError("chromium and chromedriver not on PATH; apt-get install chromium chromium-driver")
     options = Options()
     options.binary_location = paths[0]
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", f"--window-size={width},{height}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(arg)  # no sandbox: CI runs as root, where Chromium's sandbox refuses to start
     driver = webdriver.Chrome(service=Service(executable_path=paths[1]), options=options)
     try:
@@ -105,8 +115,13 @@ def upload_in_page(driver: Any, url: str, image: Any, timeout: float = 60.0) -> 
     driver.find_element(By.ID, "file").send_keys(str(image))
     result = driver.find_element(By.ID, "result")
     WebDriverWait(driver, timeout).until(lambda d: result.get_attribute("data-state") in ("done", "error"))
-    out = {key: driver.find_element(By.ID, key).text for key in ("name", "probability", "label", "threshold", "ood", "error", "intended-use")}
+    out = {
+        key: driver.find_element(By.ID, key).text
+        for key in ("name", "probability", "label", "threshold", "ood", "error", "intended-use")
+    }
     out["state"] = result.get_attribute("data-state")
     overlay = driver.find_element(By.ID, "overlay")
-    out["overlay_width"] = str(driver.execute_script("return arguments[0].hidden ? 0 : arguments[0].naturalWidth;", overlay))
+    out["overlay_width"] = str(
+        driver.execute_script("return arguments[0].hidden ? 0 : arguments[0].naturalWidth;", overlay)
+    )
     return out

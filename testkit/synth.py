@@ -58,7 +58,9 @@ def file_names(split: str, counts: Counts, naming: str = "kaggle") -> list[tuple
                 n += 1
                 if naming == "kaggle":
                     if subtype == "normal":
-                        name = f"IM-{pid:04d}-{k + 1:04d}.jpeg" if p % 2 == 0 else f"NORMAL2-IM-{pid:04d}-{k + 1:04d}.jpeg"
+                        name = (
+                            f"IM-{pid:04d}-{k + 1:04d}.jpeg" if p % 2 == 0 else f"NORMAL2-IM-{pid:04d}-{k + 1:04d}.jpeg"
+                        )
                     else:
                         name = f"person{pid}_{subtype}_{n}.jpeg"
                 else:  # Mendeley v3 names
@@ -67,7 +69,13 @@ def file_names(split: str, counts: Counts, naming: str = "kaggle") -> list[tuple
     return out
 
 
-def write_tree(root: Path, counts: dict[str, Counts] | None = None, naming: str = "kaggle", size: tuple[int, int] = (72, 64), seed: int = 0) -> list[Path]:
+def write_tree(
+    root: Path,
+    counts: dict[str, Counts] | None = None,
+    naming: str = "kaggle",
+    size: tuple[int, int] = (72, 64),
+    seed: int = 0,
+) -> list[Path]:
     """Write `{train,test}/{NORMAL,PNEUMONIA}/*.jpeg` under root; returns the files written."""
     counts = counts or {"train": Counts(), "test": Counts(normal=3, bacteria=2, virus=2)}
     written = []
@@ -109,7 +117,11 @@ def make_archive(
             per = max(1, oct_bytes // 8)
             for split in ("train", "test"):
                 for cls in ("CNV", "DME", "DRUSEN", "NORMAL"):
-                    zf.writestr(f"CellData/OCT/{split}/{cls}/{cls}-1-1.jpeg", rng.randbytes(per), compress_type=zipfile.ZIP_STORED)
+                    zf.writestr(
+                        f"CellData/OCT/{split}/{cls}/{cls}-1-1.jpeg",
+                        rng.randbytes(per),
+                        compress_type=zipfile.ZIP_STORED,
+                    )
         for split, c in counts.items():
             for label, name in file_names(split, c, naming):
                 i += 1

@@ -41,7 +41,11 @@ def project(tmp_path_factory) -> Path:
 def images(tmp_path) -> list[Path]:
     """Three good images in a small tree (with case-mixed extensions) plus files to ignore."""
     (tmp_path / "in" / "sub" / "deeper").mkdir(parents=True)
-    paths = [tmp_path / "in" / "b.PNG", tmp_path / "in" / "sub" / "a.jpg", tmp_path / "in" / "sub" / "deeper" / "c.Jpeg"]
+    paths = [
+        tmp_path / "in" / "b.PNG",
+        tmp_path / "in" / "sub" / "a.jpg",
+        tmp_path / "in" / "sub" / "deeper" / "c.Jpeg",
+    ]
     for i, p in enumerate(paths):
         Image.fromarray(xray(i)).save(p, format="PNG" if p.suffix.lower() == ".png" else "JPEG")
     (tmp_path / "in" / "notes.txt").write_text("not an image")
@@ -67,7 +71,10 @@ def test_folder_search_is_recursive_sorted_and_filtered(tmp_path, images):
     found = collect_images([tmp_path / "in"])
     assert found == sorted(images, key=lambda p: p.as_posix())
     # a file named on its own comes first, and is not repeated by the folder search
-    assert collect_images([images[2], tmp_path / "in"])[0] == images[2] and len(collect_images([images[2], tmp_path / "in"])) == 3
+    assert (
+        collect_images([images[2], tmp_path / "in"])[0] == images[2]
+        and len(collect_images([images[2], tmp_path / "in"])) == 3
+    )
 
 
 def test_json_output_matches_predict_arrays(project, images, tmp_path, capsys, monkeypatch):
@@ -89,7 +96,9 @@ def test_csv_output_parses_back(project, images, capsys, monkeypatch):
     assert status == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [r["path"] for r in rows] == [str(p) for p in images]
-    np.testing.assert_allclose([float(r["probability"]) for r in rows], expected_probs(images, project / "models" / "alpha.keras"), atol=1e-6)
+    np.testing.assert_allclose(
+        [float(r["probability"]) for r in rows], expected_probs(images, project / "models" / "alpha.keras"), atol=1e-6
+    )
     assert {r["threshold"] for r in rows} == {"0.4"} and {r["error"] for r in rows} == {""}
 
 
@@ -99,7 +108,13 @@ def test_table_output_and_explicit_model(project, images, capsys):
     header, line = out.splitlines()
     assert header.split() == ["path", "probability", "label", "threshold", "ood_score"]
     prob = float(expected_probs(images[:1], project / "models" / "alpha.keras")[0])
-    assert line.split() == [str(images[0]), f"{prob:.4f}", "PNEUMONIA" if prob >= 0.4 else "NORMAL", "0.4000", "-"]  # no OOD gate beside alpha
+    assert line.split() == [
+        str(images[0]),
+        f"{prob:.4f}",
+        "PNEUMONIA" if prob >= 0.4 else "NORMAL",
+        "0.4000",
+        "-",
+    ]  # no OOD gate beside alpha
 
 
 def test_gate_beside_the_model_labels_out_of_distribution_and_uncertain(tmp_path, capsys):
@@ -123,11 +138,19 @@ def test_gate_beside_the_model_labels_out_of_distribution_and_uncertain(tmp_path
     Image.fromarray(np.zeros((512, 512), np.uint8)).save(black)
     Image.fromarray(load_sample_images().images[1]).save(photo)
     Image.fromarray(xray(200)).save(good)
-    status, out, err = run(["predict", str(black), str(photo), str(good), "--model", str(path), "--format", "json"], capsys)
+    status, out, err = run(
+        ["predict", str(black), str(photo), str(good), "--model", str(path), "--format", "json"], capsys
+    )
     rows = json.loads(out)
     assert status == 0 and "warning: 2 of 3" in err and "no OOD gate" not in err
-    assert [r["label"] for r in rows[:2]] == ["OUT_OF_DISTRIBUTION"] * 2 and [r["ood"] for r in rows] == [True, True, False]
-    assert "near-constant" in rows[0]["ood_reason"] and "colour" in rows[1]["ood_reason"] and rows[2]["ood_reason"] is None
+    assert [r["label"] for r in rows[:2]] == ["OUT_OF_DISTRIBUTION"] * 2 and [r["ood"] for r in rows] == [
+        True,
+        True,
+        False,
+    ]
+    assert (
+        "near-constant" in rows[0]["ood_reason"] and "colour" in rows[1]["ood_reason"] and rows[2]["ood_reason"] is None
+    )
     assert rows[2]["label"] == gate.label(rows[2]["probability"], 0.5, None) and rows[2]["ood_score"] <= 1
     assert all(r["probability"] is not None and r["refer_low"] == gate.refer_low for r in rows)
     status, out, err = run(["predict", str(black), "--model", str(path), "--strict"], capsys)
@@ -217,7 +240,9 @@ def test_tampered_model_is_one_clear_line(project, images, tmp_path, capsys, mon
         main(["predict", str(images[0]), "--model", str(bad)])
     captured = capsys.readouterr()
     assert info.value.code == 1 and captured.out == ""
-    assert captured.err.startswith("error: ") and "gamma.keras" in captured.err and "dvc repro train@gamma" in captured.err
+    assert (
+        captured.err.startswith("error: ") and "gamma.keras" in captured.err and "dvc repro train@gamma" in captured.err
+    )
     assert "Traceback" not in captured.err
 
 
@@ -231,7 +256,9 @@ def test_gradcam_writes_one_png_per_image(project, images, tmp_path, capsys, mon
 
     decoded = []
     real_open = cxr.data.images.open_image
-    monkeypatch.setattr(cxr.data.images, "open_image", lambda path, *a, **k: decoded.append(str(path)) or real_open(path, *a, **k))
+    monkeypatch.setattr(
+        cxr.data.images, "open_image", lambda path, *a, **k: decoded.append(str(path)) or real_open(path, *a, **k)
+    )
     status, out, err = run(["predict", str(tmp_path / "in"), "--gradcam", str(out_dir), "--format", "json"], capsys)
     assert status == 1  # bad.png
     assert len(decoded) == len(set(decoded)) == 5, "each file is decoded once, Grad-CAM included"
@@ -258,12 +285,22 @@ def test_python_dash_m_runs_and_hides_the_traceback(tmp_path, images):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CXR_DEBUG": "0"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr.serving.cli", "predict", str(images[0])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cxr.serving.cli", "predict", str(images[0])],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1 and proc.stdout == ""
     assert "error: " in proc.stderr and "summary.json not found" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "cxr.serving.cli", "predict", str(images[0]), "--verbose"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "cxr.serving.cli", "predict", str(images[0]), "--verbose"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1 and "Traceback" in proc.stderr
 
@@ -272,7 +309,14 @@ def test_gradcam_of_a_dense_model_fails_before_any_output(images, tmp_path, caps
     import keras
     from keras import layers
 
-    dense = keras.Sequential([keras.Input((SIZE, SIZE, 1)), layers.Rescaling(1.0 / 255), layers.Flatten(), layers.Dense(1, activation="sigmoid")])
+    dense = keras.Sequential(
+        [
+            keras.Input((SIZE, SIZE, 1)),
+            layers.Rescaling(1.0 / 255),
+            layers.Flatten(),
+            layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     path = save_model(dense, tmp_path / "models" / "dense_baseline.keras", sidecar())
     monkeypatch.setattr(sys, "argv", ["cxr"])
     monkeypatch.delenv("CXR_DEBUG", raising=False)

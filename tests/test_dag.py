@@ -41,7 +41,12 @@ def direct_imports(path: Path, root: Path) -> set[Path]:
     """Project modules that `path` imports anywhere (lazy imports inside functions too), except
     under `if TYPE_CHECKING:`, which never runs."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block) for n in ast.walk(block)}
+    skip = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and _is_type_checking(block)
+        for n in ast.walk(block)
+    }
     found: set[Path] = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -88,7 +93,9 @@ def test_package_inits_hold_no_code(init):
     tree = ast.parse((ROOT / init).read_text())
     for node in tree.body:
         is_doc = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-        is_version = isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["__version__"]
+        is_version = isinstance(node, ast.Assign) and [t.id for t in node.targets if isinstance(t, ast.Name)] == [
+            "__version__"
+        ]
         assert is_doc or is_version, f"{init} is no stage's dependency: keep code out of it"
 
 
@@ -96,7 +103,9 @@ def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """Module → the project modules it imports (lazy imports too), as paths relative to `root`."""
     modules = sorted((root / PACKAGE).rglob("*.py"))
     return {
-        m.relative_to(root).as_posix(): {d.relative_to(root).as_posix() for d in direct_imports(m, root)} - {m.relative_to(root).as_posix()} for m in modules
+        m.relative_to(root).as_posix(): {d.relative_to(root).as_posix() for d in direct_imports(m, root)}
+        - {m.relative_to(root).as_posix()}
+        for m in modules
     }
 
 
@@ -175,7 +184,10 @@ def test_editing_a_module_makes_dvc_status_name_every_stage_that_imports_it(tiny
     work = tiny_pipeline.clone(tmp_path / "clone")
     lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
     by_command = _stage_of_command(work)
-    imports = {by_command[" ".join(entry["cmd"].split()[1:])]: project_imports(work / entry["cmd"].split()[1], work) for entry in lock.values()}
+    imports = {
+        by_command[" ".join(entry["cmd"].split()[1:])]: project_imports(work / entry["cmd"].split()[1], work)
+        for entry in lock.values()
+    }
     modules = sorted(p.relative_to(work).as_posix() for p in (work / PACKAGE).rglob("*.py"))
     assert len(modules) > 10
     for module in modules:
@@ -211,7 +223,16 @@ def test_threshold_was_chosen_on_what_cxr_predict_gives(tiny_pipeline, variant):
     work = tiny_pipeline.origin
     meta = sidecar.read(work / "models" / f"{variant}.keras")
     rows = pd.read_csv(work / "data" / "processed" / str(meta.image_size) / "val.csv", dtype=str, keep_default_na=False)
-    done = sh(work, str(Path(sys.executable).with_name("cxr")), "predict", *rows["path"], "--model", f"models/{variant}.keras", "--format", "json")
+    done = sh(
+        work,
+        str(Path(sys.executable).with_name("cxr")),
+        "predict",
+        *rows["path"],
+        "--model",
+        f"models/{variant}.keras",
+        "--format",
+        "json",
+    )
     printed = json.loads(done.stdout)
     assert [r["path"] for r in printed] == list(rows["path"]) and all(r["error"] is None for r in printed)
     prob = np.array([r["probability"] for r in printed])
@@ -222,4 +243,6 @@ def test_threshold_was_chosen_on_what_cxr_predict_gives(tiny_pipeline, variant):
     stressed = stress_probabilities(load_model(work / "models" / f"{variant}.keras").model, val.x, seed)
     assert choose_threshold(meta.threshold_rule, y, prob, stressed) == pytest.approx(meta.threshold, abs=1e-6)
     m = binary_metrics(y, prob, meta.threshold)
-    assert {k: m[k] for k in ("roc_auc", "accuracy", "sensitivity", "specificity", "n")} == pytest.approx(meta.val.__dict__, abs=1e-6)
+    assert {k: m[k] for k in ("roc_auc", "accuracy", "sensitivity", "specificity", "n")} == pytest.approx(
+        meta.val.__dict__, abs=1e-6
+    )

@@ -74,7 +74,15 @@ def encodings(pixels: np.ndarray, folder: Path) -> dict[str, Path]:
         # 16p through the window 2040.5/4081 (output 0..4095) is p again after scaling to 0..255
         "12bit_window": write_dicom(folder / "x12.dcm", p16, bits_stored=12, WindowCenter=2040.5, WindowWidth=4081),
         # the rescale gives p back (as float); the window 128/256 is then the identity
-        "rescale_window": write_dicom(folder / "xr.dcm", p16, bits_stored=12, RescaleSlope=0.0625, RescaleIntercept=0, WindowCenter=128, WindowWidth=256),
+        "rescale_window": write_dicom(
+            folder / "xr.dcm",
+            p16,
+            bits_stored=12,
+            RescaleSlope=0.0625,
+            RescaleIntercept=0,
+            WindowCenter=128,
+            WindowWidth=256,
+        ),
         "monochrome1": write_dicom(folder / "x1.dcm", 255 - pixels, photometric="MONOCHROME1"),
         "rle": _rle(pixels, folder / "xrle.dcm"),
         "no_suffix": write_dicom(folder / "x_dicom_without_suffix", pixels),
@@ -143,14 +151,26 @@ def test_window_centre_and_width(tmp_path):
     np.testing.assert_allclose(got, linear_window(raw.astype(float), 1500, 1000), atol=1)
     assert got.min() == 0 and got.max() == 255  # clipped outside the window
     # several windows: the first one is used
-    first = gray(write_dicom(tmp_path / "w2.dcm", raw, bits_stored=12, WindowCenter=[1500, 3000], WindowWidth=[1000, 200]))
+    first = gray(
+        write_dicom(tmp_path / "w2.dcm", raw, bits_stored=12, WindowCenter=[1500, 3000], WindowWidth=[1000, 200])
+    )
     np.testing.assert_array_equal(first, got)
 
 
 def test_rescale_slope_and_intercept_come_before_the_window(tmp_path):
     raw = ramp16()
     values = raw * 2.0 - 1024  # what the Modality LUT makes of them
-    got = gray(write_dicom(tmp_path / "r.dcm", raw, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=2000, WindowWidth=3000))
+    got = gray(
+        write_dicom(
+            tmp_path / "r.dcm",
+            raw,
+            bits_stored=12,
+            RescaleSlope=2,
+            RescaleIntercept=-1024,
+            WindowCenter=2000,
+            WindowWidth=3000,
+        )
+    )
     np.testing.assert_allclose(got, linear_window(values, 2000, 3000), atol=1)
 
 
@@ -159,7 +179,9 @@ def test_voi_lut_sequence_is_preferred_to_the_window(tmp_path):
     lut = Dataset()
     lut.add_new(0x00283002, "US", [4096, 0, 8])  # LUT Descriptor: 4096 entries from 0, 8 bits out
     lut.add_new(0x00283006, "US", [255 - i // 16 for i in range(4096)])  # LUT Data: an inverting table
-    got = gray(write_dicom(tmp_path / "lut.dcm", raw, bits_stored=12, VOILUTSequence=[lut], WindowCenter=100, WindowWidth=10))
+    got = gray(
+        write_dicom(tmp_path / "lut.dcm", raw, bits_stored=12, VOILUTSequence=[lut], WindowCenter=100, WindowWidth=10)
+    )
     np.testing.assert_array_equal(got, 255 - raw // 16)
 
 
@@ -184,7 +206,9 @@ def test_16_bit_without_a_window_is_stretched_like_a_16_bit_png(tmp_path):
 def test_rgb_is_grayed_like_a_colour_png(tmp_path):
     rgb = np.stack([xray(1), xray(2), xray(3)], axis=-1)
     Image.fromarray(rgb).save(tmp_path / "c.png")
-    np.testing.assert_array_equal(gray(write_dicom(tmp_path / "c.dcm", rgb, photometric="RGB")), gray(tmp_path / "c.png"))
+    np.testing.assert_array_equal(
+        gray(write_dicom(tmp_path / "c.dcm", rgb, photometric="RGB")), gray(tmp_path / "c.png")
+    )
 
 
 # ---- files that cannot be used: one clear line each -------------------------------------------
@@ -209,7 +233,9 @@ def test_unusable_dicom_files_get_a_clear_error(tmp_path):
     ct = write_dicom(tmp_path / "ct.dcm", px, Modality="CT")
     assert "modality CT is not a chest radiograph; cxr reads CR and DX only" in error_of(ct)
     assert "no Modality" in error_of(write_dicom(tmp_path / "none.dcm", px, Modality=None))
-    np.testing.assert_array_equal(gray(write_dicom(tmp_path / "cr.dcm", 255 - px, photometric="MONOCHROME1", Modality="CR")), px)  # CR is read
+    np.testing.assert_array_equal(
+        gray(write_dicom(tmp_path / "cr.dcm", 255 - px, photometric="MONOCHROME1", Modality="CR")), px
+    )  # CR is read
     not_dicom = tmp_path / "fake.dcm"
     not_dicom.write_bytes(b"just text, no preamble" * 20)
     assert "not a DICOM file" in error_of(not_dicom)
@@ -225,7 +251,10 @@ def test_compressed_without_its_decoder_names_the_syntax_and_the_package(tmp_pat
     dummy = encapsulate([b"\xff\xd8\xff\xc3" + bytes(60) + b"\xff\xd9"])  # never decoded
     path = write_dicom(tmp_path / "jpll.dcm", xray(0), syntax=JPEGLosslessSV1, PixelData=dummy)
     message = error_of(path)
-    assert f"JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1]) ({JPEGLosslessSV1})" in message
+    assert (
+        f"JPEG Lossless, Non-Hierarchical, First-Order Prediction (Process 14 [Selection Value 1]) ({JPEGLosslessSV1})"
+        in message
+    )
     assert "pip install 'pylibjpeg>=2.0' 'pylibjpeg-libjpeg>=2.1'" in message
 
 
@@ -241,15 +270,24 @@ def phi_files(folder: Path) -> dict[str, Path]:
         "multi": write_dicom(folder / "multi.dcm", np.stack([px, px]), **PHI),
         "sr": write_dicom(folder / "sr.dcm", px, **PHI, SOPClassUID=BASIC_TEXT_SR, Modality="SR", PixelData=None),
         # PHI where a UID or code belongs: never quoted
-        "uid": write_dicom(folder / "uid.dcm", px, **{**PHI, "Modality": PHI["PatientID"], "SOPInstanceUID": PHI["PatientName"]}),
+        "uid": write_dicom(
+            folder / "uid.dcm", px, **{**PHI, "Modality": PHI["PatientID"], "SOPInstanceUID": PHI["PatientName"]}
+        ),
     }
     truncated = folder / "truncated.dcm"  # the pixel data cut short: pydicom's own error
     truncated.write_bytes(files["good"].read_bytes()[:-500])
     files["truncated"] = truncated
     # header values holding the name where a number or code belongs: pydicom's errors would quote them
-    for name, keyword, placeholder in [("badwindow", "WindowCenter", "1234567890.12345"), ("badframes", "NumberOfFrames", "123456789012")]:
-        files[name] = with_phi_in(write_dicom(folder / f"{name}.dcm", px, **PHI, **{keyword: placeholder, "WindowWidth": 100}), placeholder)
-    files["photometric"] = with_phi_in(write_dicom(folder / "photometric.dcm", px, **PHI, PhotometricInterpretation="MONOCHROME2 "), "MONOCHROME2 ")
+    for name, keyword, placeholder in [
+        ("badwindow", "WindowCenter", "1234567890.12345"),
+        ("badframes", "NumberOfFrames", "123456789012"),
+    ]:
+        files[name] = with_phi_in(
+            write_dicom(folder / f"{name}.dcm", px, **PHI, **{keyword: placeholder, "WindowWidth": 100}), placeholder
+        )
+    files["photometric"] = with_phi_in(
+        write_dicom(folder / "photometric.dcm", px, **PHI, PhotometricInterpretation="MONOCHROME2 "), "MONOCHROME2 "
+    )
     return files
 
 
@@ -287,7 +325,18 @@ def test_phi_never_reaches_stderr_of_the_real_command(tmp_path, model_path):
     phi_files(tmp_path / "in")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "always"}
     done = subprocess.run(
-        [sys.executable, "-m", "cxr.serving.cli", "predict", str(tmp_path / "in"), "--model", str(model_path), "--format", "json", "--verbose"],
+        [
+            sys.executable,
+            "-m",
+            "cxr.serving.cli",
+            "predict",
+            str(tmp_path / "in"),
+            "--model",
+            str(model_path),
+            "--format",
+            "json",
+            "--verbose",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -302,7 +351,11 @@ def test_phi_never_reaches_stderr_of_the_real_command(tmp_path, model_path):
 
 def test_folder_with_dicom_png_and_a_bad_dicom(tmp_path, model_path, capsys):
     folder = tmp_path / "mixed"
-    good = [write_dicom(folder / "a.dcm", xray(1)), write_dicom(folder / "b.DICOM", xray(2)), _png(xray(3), folder / "c.png")]
+    good = [
+        write_dicom(folder / "a.dcm", xray(1)),
+        write_dicom(folder / "b.DICOM", xray(2)),
+        _png(xray(3), folder / "c.png"),
+    ]
     bad = folder / "d.dcm"
     bad.write_bytes(good[0].read_bytes()[:200])
     (folder / "e").write_bytes(good[0].read_bytes())  # no suffix: only read when named
@@ -319,5 +372,11 @@ def test_a_jpeg_does_not_load_pydicom(tmp_path):
     path = tmp_path / "x.jpg"
     Image.fromarray(xray(0)).save(path)
     code = f"import sys, cxr.data.images; cxr.data.images.open_image({str(path)!r}); print('pydicom' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
     assert done.stdout.strip() == "False"

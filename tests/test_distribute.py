@@ -81,7 +81,15 @@ def private_loopback() -> Iterator[list[str]]:
         return
     # unshare execs the shell, so holder.pid is inside the new namespaces until it is killed.
     holder = subprocess.Popen(
-        ["unshare", "--user", "--map-root-user", "--net", "sh", "-c", "ip link set lo up && echo ready && exec sleep 900"],
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--net",
+            "sh",
+            "-c",
+            "ip link set lo up && echo ready && exec sleep 900",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -121,7 +129,9 @@ def test_get_strategy_choices(monkeypatch):
         assert isinstance(get_strategy("auto"), tf.distribute.MirroredStrategy)
     mirrored = get_strategy("mirrored")
     assert isinstance(mirrored, tf.distribute.MirroredStrategy) and mirrored.num_replicas_in_sync == max(gpus, 1)
-    with pytest.raises(CxrError, match=r"^params.yaml train.distribute: 'horovod' is not one of auto, none, mirrored, multi_worker$"):
+    with pytest.raises(
+        CxrError, match=r"^params.yaml train.distribute: 'horovod' is not one of auto, none, mirrored, multi_worker$"
+    ):
         get_strategy("horovod")
 
 
@@ -130,7 +140,9 @@ def test_multi_worker_without_tf_config_is_a_clear_error(monkeypatch):
     with pytest.raises(CxrError) as info:
         get_strategy("multi_worker")
     message = str(info.value)
-    assert message.startswith("TF_CONFIG (needed by params.yaml train.distribute: multi_worker) is not set; set it on every machine")
+    assert message.startswith(
+        "TF_CONFIG (needed by params.yaml train.distribute: multi_worker) is not set; set it on every machine"
+    )
     assert "docs/scaling.md" in message and "\n" not in message
     assert distribute._multi_worker is None  # nothing was started
     monkeypatch.setenv("TF_CONFIG", "{'cluster': }")
@@ -143,7 +155,9 @@ def test_multi_worker_after_other_tensorflow_work_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(distribute, "_multi_worker", None)
     assert float(tf.constant(1.0) + 1) == 2.0  # TensorFlow has run: too late to set up collective ops
     port = free_ports(1)[0]
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}}))
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}})
+    )
     with pytest.raises(
         CxrError,
         match=r"^params.yaml train.distribute: multi_worker must set up its strategy before TensorFlow runs "
@@ -154,14 +168,19 @@ def test_multi_worker_after_other_tensorflow_work_is_a_clear_error(monkeypatch):
 
 
 def test_a_lost_worker_is_one_clear_line():
-    lost = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: task 1 stopped sending heartbeats.\nmore")
+    lost = tf.errors.UnavailableError(
+        None, None, "Collective ops is aborted by: task 1 stopped sending heartbeats.\nmore"
+    )
     with pytest.raises(CxrError) as info, distribute.cluster_errors(Task("worker", 0, {"worker": ["a:1", "b:2"]})):
         raise lost
     assert str(info.value) == (
         "TF_CONFIG cluster: worker 0 lost contact with another worker (Collective ops is aborted by: task 1 "
         "stopped sending heartbeats. more); check every worker's log, then start all of them again"
     )
-    with pytest.raises(tf.errors.UnavailableError), distribute.cluster_errors(None):  # not in a cluster: TensorFlow's own error
+    with (
+        pytest.raises(tf.errors.UnavailableError),
+        distribute.cluster_errors(None),
+    ):  # not in a cluster: TensorFlow's own error
         raise lost
 
 
@@ -170,13 +189,31 @@ def test_a_lost_worker_is_one_clear_line():
     [
         ("[]", "must be a JSON object with 'cluster' and 'task' objects"),
         ('{"cluster": {"worker": ["a:1"]}}', "must be a JSON object with 'cluster' and 'task' objects"),
-        ('{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}', "cluster has job(s) ps"),
-        ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}', "cluster.worker must be a non-empty list of 'host:port'"),
-        ('{"cluster": {"worker": ["hostonly"]}, "task": {"type": "worker", "index": 0}}', "cluster.worker must be a non-empty list of 'host:port'"),
+        (
+            '{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}',
+            "cluster has job(s) ps",
+        ),
+        (
+            '{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}',
+            "cluster.worker must be a non-empty list of 'host:port'",
+        ),
+        (
+            '{"cluster": {"worker": ["hostonly"]}, "task": {"type": "worker", "index": 0}}',
+            "cluster.worker must be a non-empty list of 'host:port'",
+        ),
         ('{"cluster": {"chief": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "has no cluster.worker list"),
-        ('{"cluster": {"chief": ["a:1", "b:2"], "worker": ["c:3"]}, "task": {"type": "chief", "index": 0}}', "at most one chief"),
-        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "task.type 'chief' is not a job of the cluster (worker)"),
-        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}', "task.index 2 is not in 0..1"),
+        (
+            '{"cluster": {"chief": ["a:1", "b:2"], "worker": ["c:3"]}, "task": {"type": "chief", "index": 0}}',
+            "at most one chief",
+        ),
+        (
+            '{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}',
+            "task.type 'chief' is not a job of the cluster (worker)",
+        ),
+        (
+            '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+            "task.index 2 is not in 0..1",
+        ),
     ],
 )
 def test_malformed_tf_config_is_a_clear_error(config, detail):
@@ -189,7 +226,9 @@ def test_malformed_tf_config_is_a_clear_error(config, detail):
 
 def test_the_chief_is_the_chief_task_or_worker_0():
     two = {"worker": ["a:1", "b:2"]}
-    assert read_tf_config(json.dumps({"cluster": two, "task": {"type": "worker", "index": 0}})) == Task("worker", 0, two)
+    assert read_tf_config(json.dumps({"cluster": two, "task": {"type": "worker", "index": 0}})) == Task(
+        "worker", 0, two
+    )
     assert Task("worker", 0, two).is_chief and not Task("worker", 1, two).is_chief
     with_chief = {"chief": ["c:0"], **two}
     assert Task("chief", 0, with_chief).is_chief and not Task("worker", 0, with_chief).is_chief
@@ -198,7 +237,9 @@ def test_the_chief_is_the_chief_task_or_worker_0():
 
 def test_tf_config_with_another_mode_prints_a_note(monkeypatch, capsys):
     monkeypatch.setattr(distribute, "_noted", False)
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}))
+    monkeypatch.setenv(
+        "TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}})
+    )
     assert get_strategy("none").num_replicas_in_sync == 1
     assert "note: TF_CONFIG is set but params.yaml train.distribute is none" in capsys.readouterr().out
 
@@ -277,7 +318,10 @@ def test_mixed_precision_on_cpu_falls_back_to_float32_with_a_note(float32_afterw
         return
     assert configure_precision(True) == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"
-    assert "note: params.yaml train.mixed_precision is true but no GPU is visible; training in float32" in capsys.readouterr().out
+    assert (
+        "note: params.yaml train.mixed_precision is true but no GPU is visible; training in float32"
+        in capsys.readouterr().out
+    )
     assert configure_precision(False) == "float32" and capsys.readouterr().out == ""
 
 
@@ -304,8 +348,17 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path):
         try:
             for name, (project, extra) in runs.items():
                 with open(tmp_path / f"{name}.log", "w") as log:
-                    command = [*(prefix if extra else []), sys.executable, str(WORKER), str(project), VARIANT, str(tmp_path / f"{name}.json")]
-                    procs[name] = subprocess.Popen(command, cwd=ROOT, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT)
+                    command = [
+                        *(prefix if extra else []),
+                        sys.executable,
+                        str(WORKER),
+                        str(project),
+                        VARIANT,
+                        str(tmp_path / f"{name}.json"),
+                    ]
+                    procs[name] = subprocess.Popen(
+                        command, cwd=ROOT, env={**env, **extra}, stdout=log, stderr=subprocess.STDOUT
+                    )
             deadline = time.monotonic() + CLUSTER_TIMEOUT_S
             for proc in procs.values():
                 proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -328,14 +381,19 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path):
     # Only the chief wrote outputs; the worker's project holds just its inputs, its scratch is gone.
     assert files_under(worker) == inputs, logs
     assert list(scratch.iterdir()) == []
-    assert f"train@{VARIANT}: worker 1 finished in" in (tmp_path / "worker.log").read_text()  # it did write, into its scratch
+    assert (
+        f"train@{VARIANT}: worker 1 finished in" in (tmp_path / "worker.log").read_text()
+    )  # it did write, into its scratch
     for project in (chief, single):
         written = [f for f in files_under(project) if f not in inputs]
         assert {f"models/{VARIANT}.keras", f"models/{VARIANT}.json", f"dvclive/{VARIANT}/metrics.json"} <= set(written)
     assert json.loads((chief / "models" / f"{VARIANT}.json").read_text()) == reports["chief"]["meta"]
 
     assert reports["chief"]["chief"] and not reports["worker"]["chief"] and reports["single"]["chief"]
-    assert reports["chief"]["task"] == {"type": "worker", "index": 0} and reports["worker"]["task"] == {"type": "worker", "index": 1}
+    assert reports["chief"]["task"] == {"type": "worker", "index": 0} and reports["worker"]["task"] == {
+        "type": "worker",
+        "index": 1,
+    }
     assert [reports[n]["replicas"] for n in procs] == [2, 2, 1]
     assert [reports[n]["global_batch"] for n in procs] == [2 * PER_REPLICA] * 3
 
@@ -344,5 +402,7 @@ def test_two_workers_match_one_process_and_only_the_chief_writes(tmp_path):
     assert len(loss["single"]) == EPOCHS and loss["single"][-1] < loss["single"][0]  # it learned something
     np.testing.assert_array_equal(loss["worker"], loss["chief"])  # one all-reduced value on both
     np.testing.assert_allclose(loss["chief"], loss["single"], rtol=LOSS_RTOL)
-    np.testing.assert_allclose(reports["chief"]["history"]["val_loss"], reports["single"]["history"]["val_loss"], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(
+        reports["chief"]["history"]["val_loss"], reports["single"]["history"]["val_loss"], rtol=LOSS_RTOL
+    )
     print("loss relative difference per epoch:", (np.abs(loss["chief"] - loss["single"]) / loss["single"]).tolist())

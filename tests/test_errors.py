@@ -62,7 +62,9 @@ def script_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
 
-def run_all(jobs: dict[str, tuple[Path, list[str], dict[str, str]]], parallel: int = 4) -> dict[str, subprocess.CompletedProcess]:
+def run_all(
+    jobs: dict[str, tuple[Path, list[str], dict[str, str]]], parallel: int = 4
+) -> dict[str, subprocess.CompletedProcess]:
     """Run independent commands (cwd, argv, env) a few at a time; results by job name."""
 
     def one(job: tuple[Path, list[str], dict[str, str]]) -> subprocess.CompletedProcess:
@@ -110,7 +112,9 @@ def assert_unchanged(before: dict[str, str], root: Path) -> None:
     after = snapshot(root)
     assert {k: v for k, v in after.items() if k in before} == before
     added = sorted(set(after) - set(before))
-    assert all(after[k] == "dir" for k in added) and not [k for k in added if any(other.startswith(k + "/") for other in added)], added
+    assert all(after[k] == "dir" for k in added) and not [
+        k for k in added if any(other.startswith(k + "/") for other in added)
+    ], added
 
 
 def tripwire(path: Path) -> None:
@@ -175,7 +179,9 @@ def fetch_runs(tmp_path_factory) -> dict[str, tuple[Path, dict, str, subprocess.
     """Every archive case through `python stages/fetch.py`, in a project that already holds a
     previous data/raw; name → (project, snapshot before, source, result)."""
     base = tmp_path_factory.mktemp("fetch")
-    sources: dict[str, tuple[str | bytes, int, dict[str, str]]] = {name: (BAD[name][0], BAD[name][2], {}) for name in ARCHIVES}
+    sources: dict[str, tuple[str | bytes, int, dict[str, str]]] = {
+        name: (BAD[name][0], BAD[name][2], {}) for name in ARCHIVES
+    }
     sources["text-file"] = (TEXT_FILE, 64 * MB, {})
     sources["debug"] = (BAD["truncated"][0], 64 * MB, {"CXR_DEBUG": "1"})
     with LoopbackServer(b"unused", status=404) as missing, LoopbackServer(b"unused", html=True) as login:
@@ -212,7 +218,10 @@ def test_bad_archive_is_one_line_and_keeps_the_previous_data(case, fetch_runs):
     assert_unchanged(before, project)  # data/raw as it was, no temporary folder left in data/
 
 
-@pytest.mark.parametrize("case, why", [("http-404", "HTTP 404 Not Found; check fetch.source"), ("http-html", "is not a zip archive (got text/html")])
+@pytest.mark.parametrize(
+    "case, why",
+    [("http-404", "HTTP 404 Not Found; check fetch.source"), ("http-html", "is not a zip archive (got text/html")],
+)
 def test_http_failure_names_the_url(case, why, fetch_runs):
     project, before, url, done = fetch_runs[case]
     assert url.startswith("http://127.0.0.1:")
@@ -257,7 +266,9 @@ def params_project(folder: Path, edit: Callable[[dict], None] | str | None, trip
     else:
         folder.mkdir(parents=True)
         (folder / "params.yaml").write_text(edit)
-    write_tree(folder / "data" / "raw" / "chest_xray", {"train": Counts(2, 2, 1, 1), "test": Counts(1, 1, 1, 1)}, size=(40, 36))
+    write_tree(
+        folder / "data" / "raw" / "chest_xray", {"train": Counts(2, 2, 1, 1), "test": Counts(1, 1, 1, 1)}, size=(40, 36)
+    )
     for split, n in (("train", 8), ("val", 6), ("test", 6)):
         write_split(folder / "data" / "processed" / "48", split, *cache_split(n, 48, seed=len(split)))
     if tripwires:
@@ -269,7 +280,11 @@ def params_project(folder: Path, edit: Callable[[dict], None] | str | None, trip
 
 PARAM_CASES = {
     # case: (stage and arguments, params edit, texts of the error line)
-    "unknown-variant": (["train", "nope"], None, ["unknown variant 'nope' in params.yaml variants", "known: cnn_augmented, cnn_baseline"]),
+    "unknown-variant": (
+        ["train", "nope"],
+        None,
+        ["unknown variant 'nope' in params.yaml variants", "known: cnn_augmented, cnn_baseline"],
+    ),
     "unknown-backbone": (
         ["train", "transfer_frozen"],
         set_key("transfer.backbone", "alexnet"),
@@ -285,18 +300,44 @@ PARAM_CASES = {
         set_key("variants.cnn_baseline.epochs", -3),
         ["params.yaml variants.cnn_baseline.epochs: must be a positive integer, got -3"],
     ),
-    "val-fraction-0": (["split"], set_key("split.val_fraction", 0), ["params.yaml split.val_fraction: must be between 0 and 1 (exclusive), got 0"]),
-    "val-fraction-1": (["split"], set_key("split.val_fraction", 1.0), ["params.yaml split.val_fraction: must be between 0 and 1 (exclusive), got 1.0"]),
-    "val-fraction-negative": (["split"], set_key("split.val_fraction", -0.2), ["params.yaml split.val_fraction", "got -0.2"]),
-    "one-fold": (["split"], set_key("split.folds", 1), ["params.yaml split.folds: must be 0 (no folds) or an integer of at least 2, got 1"]),
+    "val-fraction-0": (
+        ["split"],
+        set_key("split.val_fraction", 0),
+        ["params.yaml split.val_fraction: must be between 0 and 1 (exclusive), got 0"],
+    ),
+    "val-fraction-1": (
+        ["split"],
+        set_key("split.val_fraction", 1.0),
+        ["params.yaml split.val_fraction: must be between 0 and 1 (exclusive), got 1.0"],
+    ),
+    "val-fraction-negative": (
+        ["split"],
+        set_key("split.val_fraction", -0.2),
+        ["params.yaml split.val_fraction", "got -0.2"],
+    ),
+    "one-fold": (
+        ["split"],
+        set_key("split.folds", 1),
+        ["params.yaml split.folds: must be 0 (no folds) or an integer of at least 2, got 1"],
+    ),
     "image-size-backbone-refuses": (
         ["train", "transfer_frozen"],
         set_key("variants.transfer_frozen.image_size", 16),
-        ["params.yaml variants.transfer_frozen.image_size: 16 px is too small for backbone mobilenet_v2; use at least 32"],
+        [
+            "params.yaml variants.transfer_frozen.image_size: 16 px is too small for backbone mobilenet_v2; use at least 32"
+        ],
     ),
-    "missing-train-section": (["train", "cnn_baseline"], set_key("train", DELETE), ["params.yaml has no 'train' section; add it"]),
+    "missing-train-section": (
+        ["train", "cnn_baseline"],
+        set_key("train", DELETE),
+        ["params.yaml has no 'train' section; add it"],
+    ),
     "missing-split-section": (["split"], set_key("split", DELETE), ["params.yaml has no 'split' section; add it"]),
-    "unknown-key": (["train", "cnn_baseline"], set_key("variants.cnn_baseline.epoch", 3), ["params.yaml variants.cnn_baseline: unknown key(s) epoch"]),
+    "unknown-key": (
+        ["train", "cnn_baseline"],
+        set_key("variants.cnn_baseline.epoch", 3),
+        ["params.yaml variants.cnn_baseline: unknown key(s) epoch"],
+    ),
     "not-yaml": (["fetch"], "base: {seed: 42\nfetch: [", [re.compile(r"params\.yaml is not valid YAML: .*line \d+")]),
     # Needs the training set's size, so the cache is read (no tripwire), but nothing is written.
     "batch-larger-than-train": (
@@ -385,10 +426,20 @@ def image_project(tmp_path_factory) -> dict:
         params["cv"] = {"variants": [], "folds": []}  # no k-fold ensemble of a variant left out
 
     write_params(project, edit)
-    split = subprocess.run(command("split"), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    split = subprocess.run(
+        command("split"), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert split.returncode == 0, split.stderr[-2000:]
     before = snapshot(project)
-    pre = subprocess.run(command("preprocess"), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    pre = subprocess.run(
+        command("preprocess"),
+        check=False,
+        cwd=project,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert pre.returncode == 0, pre.stderr[-2000:]
 
     def rel(path: Path) -> str:
@@ -416,8 +467,14 @@ def test_no_image_is_silently_kept_or_dropped(image_project):
     project = image_project["project"]
     audit = json.loads((project / "data" / "split" / "audit.json").read_text())
     manifest = pd.read_csv(project / "data" / "split" / "manifest.csv", dtype=str)
-    on_disk = {p.relative_to(project).as_posix() for p in (project / "data" / "raw" / "chest_xray").rglob("*") if p.is_file()}
-    listed = set(manifest["path"]) | {e["path"] for e in audit["excluded"]} | set(audit["removed_from_train_as_test_duplicates"])
+    on_disk = {
+        p.relative_to(project).as_posix() for p in (project / "data" / "raw" / "chest_xray").rglob("*") if p.is_file()
+    }
+    listed = (
+        set(manifest["path"])
+        | {e["path"] for e in audit["excluded"]}
+        | set(audit["removed_from_train_as_test_duplicates"])
+    )
     assert listed == on_disk and audit["images_found"] == len(on_disk)
     assert not set(manifest["path"]) & set(image_project["bad"].values())
 
@@ -451,7 +508,15 @@ def test_image_spoiled_after_split_stops_preprocess_naming_it(image_project, tmp
     data = (project / victim).read_bytes()
     (project / victim).write_bytes(data[: len(data) // 3])
     before[victim] = snapshot(project)[victim]
-    done = subprocess.run(command("preprocess"), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    done = subprocess.run(
+        command("preprocess"),
+        check=False,
+        cwd=project,
+        env=script_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert_fails_cleanly(done, f"error: {victim}: cannot decode image")
     assert_unchanged(before, project)
 
@@ -530,19 +595,38 @@ def tamper(kind: str, src: Path, dest: Path, canary: Path) -> None:
         code = eval(f"lambda x: (open({str(canary)!r}, 'w').write('ran'), x)[1]").__code__  # the payload
         function = {
             "class_name": "__lambda__",
-            "config": {"code": codecs.encode(marshal.dumps(code), "base64").decode("ascii"), "defaults": None, "closure": None},
+            "config": {
+                "code": codecs.encode(marshal.dumps(code), "base64").decode("ascii"),
+                "defaults": None,
+                "closure": None,
+            },
         }
 
         def change(config: dict) -> None:
             layer = next(d for d in walk(config) if d.get("class_name") == "Rescaling")
             old = layer["config"]
             layer.update(class_name="Lambda", module="keras.layers", registered_name=None)
-            layer["config"] = {"name": old["name"], "trainable": True, "dtype": old.get("dtype"), "function": function, "arguments": {}}
+            layer["config"] = {
+                "name": old["name"],
+                "trainable": True,
+                "dtype": old.get("dtype"),
+                "function": function,
+                "arguments": {},
+            }
     else:
 
         def change(config: dict) -> None:
-            layer = next(d for d in walk(config) if isinstance(d.get("config"), dict) and d["config"].get("activation") == "sigmoid")
-            layer["config"]["activation"] = {"module": "subprocess", "class_name": "function", "config": "getoutput", "registered_name": "function"}
+            layer = next(
+                d
+                for d in walk(config)
+                if isinstance(d.get("config"), dict) and d["config"].get("activation") == "sigmoid"
+            )
+            layer["config"]["activation"] = {
+                "module": "subprocess",
+                "class_name": "function",
+                "config": "getoutput",
+                "registered_name": "function",
+            }
 
     rewrite_config(src, dest, change)
 
@@ -574,14 +658,20 @@ def model_runs(tiny_pipeline, tmp_path_factory) -> dict:
         state[kind] = (project, snapshot(project), canary)
         if kind != "foreign":  # the same load_model: once through cxr predict is enough
             jobs[f"evaluate-{kind}"] = (project, command("evaluate", variant), script_env())
-        jobs[f"predict-{kind}"] = (project, command("cxr", "predict", str(sample), "--model", f"models/{variant}.keras"), script_env())
+        jobs[f"predict-{kind}"] = (
+            project,
+            command("cxr", "predict", str(sample), "--model", f"models/{variant}.keras"),
+            script_env(),
+        )
     images = base / "images"
     bad, good = write_image_cases(images)
     shutil.copy(sample, images / "plain.jpeg")
     good["plain"] = images / "plain.jpeg"
     jobs["predict-images"] = (
         base,
-        command("cxr", "predict", str(images), "--model", str(origin / "models" / f"{variant}.keras"), "--format", "json"),
+        command(
+            "cxr", "predict", str(images), "--model", str(origin / "models" / f"{variant}.keras"), "--format", "json"
+        ),
         script_env(),
     )
     results = run_all(jobs, parallel=3)
@@ -589,14 +679,19 @@ def model_runs(tiny_pipeline, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry, kind", [("evaluate", "flip"), ("evaluate", "lambda"), ("predict", "flip"), ("predict", "lambda"), ("predict", "foreign")])
+@pytest.mark.parametrize(
+    "entry, kind",
+    [("evaluate", "flip"), ("evaluate", "lambda"), ("predict", "flip"), ("predict", "lambda"), ("predict", "foreign")],
+)
 def test_tampered_model_is_refused(entry, kind, model_runs):
     """Refused with one line naming the file, no code from it run, the previous results kept."""
     variant = model_runs["variant"]
     project, before, canary = model_runs["state"][kind]
     done = model_runs["results"][f"{entry}-{kind}"]
     why = {"flip": "Bad CRC-32", "lambda": "Lambda", "foreign": "could not be deserialized"}[kind]
-    assert_fails_cleanly(done, f"error: models/{variant}.keras: cannot load model (", why, f"`dvc pull models/{variant}.keras`")
+    assert_fails_cleanly(
+        done, f"error: models/{variant}.keras: cannot load model (", why, f"`dvc pull models/{variant}.keras`"
+    )
     assert not canary.exists()
     assert_unchanged(before, project)  # metrics/ and plots/ of the last good evaluation untouched
 
@@ -608,7 +703,9 @@ def test_lambda_tamper_is_live_code(model_runs):
     import keras
 
     project, _, canary = model_runs["state"]["lambda"]
-    model = keras.saving.load_model(project / "models" / f"{model_runs['variant']}.keras", safe_mode=False, compile=False)
+    model = keras.saving.load_model(
+        project / "models" / f"{model_runs['variant']}.keras", safe_mode=False, compile=False
+    )
     model(np.zeros((1, *model.inputs[0].shape[1:]), "float32"))
     assert canary.read_text() == "ran"
     canary.unlink()
@@ -627,5 +724,11 @@ def test_predict_reports_each_bad_image_and_predicts_the_rest(model_runs):
     for case, path in good.items():
         row = rows[path.name]
         # decoded and predicted; the tiny model's OOD gate may also call an odd input out of distribution
-        assert row["error"] is None and 0 <= row["probability"] <= 1 and row["label"] in (*CLASSES, UNCERTAIN, OUT_OF_DISTRIBUTION), case
-    assert_fails_cleanly(done, f"error: {len(bad)} of {len(rows)} file(s) could not be predicted (see the error column)", stdout=True)
+        assert (
+            row["error"] is None
+            and 0 <= row["probability"] <= 1
+            and row["label"] in (*CLASSES, UNCERTAIN, OUT_OF_DISTRIBUTION)
+        ), case
+    assert_fails_cleanly(
+        done, f"error: {len(bad)} of {len(rows)} file(s) could not be predicted (see the error column)", stdout=True
+    )

@@ -61,11 +61,18 @@ def locked_params(work: Path, stage: str) -> dict:
     return yaml.safe_load((work / "dvc.lock").read_text())["stages"][stage]["params"]["params.yaml"]
 
 
-def kill_group_when(work: Path, argv: list[str], log: Path, marker: str | Callable[[], bool], env: dict | None = None) -> None:
+def kill_group_when(
+    work: Path, argv: list[str], log: Path, marker: str | Callable[[], bool], env: dict | None = None
+) -> None:
     """Start `argv` in its own process group, wait until `marker` shows in its output (or the
     callable says so), then SIGKILL the whole group (dvc, the stage, its workers) and wait until
     none is left."""
-    env = env or {**os.environ, "PYTHONPATH": str(work), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env = env or {
+        **os.environ,
+        "PYTHONPATH": str(work),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+    }
     env = {**env, "PYTHONUNBUFFERED": "1"}  # so a marker shows when it is printed
     ready = marker if callable(marker) else lambda: marker in log.read_text(errors="replace")
     with open(log, "w") as out:
@@ -121,12 +128,19 @@ def test_kill_9_while_training_then_repro_gives_the_uninterrupted_result(tiny_pi
     for work in (reference, killed):  # every run made here, none restored from the shared run-cache
         if work == reference:
             assert f"Running stage '{stage}'" in sh(work, DVC, "repro", "--no-run-cache", stage).stdout
-        assert f"Running stage 'evaluate@{variant}'" in sh(work, DVC, "repro", "--no-run-cache", f"evaluate@{variant}").stdout
+        assert (
+            f"Running stage 'evaluate@{variant}'"
+            in sh(work, DVC, "repro", "--no-run-cache", f"evaluate@{variant}").stdout
+        )
 
     for rel in (f"metrics/{variant}.json", f"dvclive/{variant}/metrics.json"):
         assert json.loads((killed / rel).read_text()) == json.loads((reference / rel).read_text()), rel
     meta = [json.loads((w / "models" / f"{variant}.json").read_text()) for w in (killed, reference)]
-    assert all(m.pop("train_seconds") >= 0 for m in meta) and meta[0] == meta[1] and meta[0]["params"]["epochs"] == epochs + 1
+    assert (
+        all(m.pop("train_seconds") >= 0 for m in meta)
+        and meta[0] == meta[1]
+        and meta[0]["params"]["epochs"] == epochs + 1
+    )
     assert tree(killed / "plots" / variant) == tree(reference / "plots" / variant)  # per-image probabilities included
     assert debris(killed) == []
     assert "changed" not in sh(killed, DVC, "status", f"evaluate@{variant}").stdout
@@ -183,7 +197,15 @@ runpy.run_path(script, run_name="__main__")
 
 def run_with_full_disk(project: Path, writer: str, dest: int, ok: int, stage: str) -> subprocess.CompletedProcess:
     """`python stages/<stage>.py` with `writer` ("module:function") failing on call ok + 1."""
-    argv = [sys.executable, "-c", FULL_DISK, *writer.split(":"), str(ok), str(dest), str(ROOT / "stages" / f"{stage}.py")]
+    argv = [
+        sys.executable,
+        "-c",
+        FULL_DISK,
+        *writer.split(":"),
+        str(ok),
+        str(dest),
+        str(ROOT / "stages" / f"{stage}.py"),
+    ]
     return subprocess.run(argv, check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -199,7 +221,9 @@ def test_full_disk_while_preprocess_writes_keeps_the_previous_cache(tmp_path):
 
     write_params(project, two_sizes)
     for stage in ("split", "preprocess"):
-        done = subprocess.run(command(stage), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            command(stage), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     before = snapshot(project / "data")
     set_param(project, "preprocess.resize", "pad")
@@ -213,7 +237,9 @@ def test_full_disk_while_preprocess_writes_keeps_the_previous_cache(tmp_path):
 
 def test_full_disk_while_fetch_writes_keeps_the_previous_data(tmp_path):
     project = tmp_path / "p"
-    archive = make_archive(tmp_path / "downloads" / "archive.zip", counts={"train": Counts(2, 2, 1), "test": Counts(1, 1, 1)})
+    archive = make_archive(
+        tmp_path / "downloads" / "archive.zip", counts={"train": Counts(2, 2, 1), "test": Counts(1, 1, 1)}
+    )
     write_params(project, lambda params: params["fetch"].update(source=str(archive)))
     (project / "data" / "raw" / "chest_xray").mkdir(parents=True)
     (project / "data" / "raw" / "chest_xray" / "keep.jpeg").write_bytes(b"the previous fetch")
@@ -230,7 +256,11 @@ def test_full_disk_while_fetch_writes_keeps_the_previous_data(tmp_path):
 
 def dead_pid() -> int:
     """The pid of a process that has ended and been reaped."""
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout)
+    return int(
+        subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+        ).stdout
+    )
 
 
 def test_next_write_removes_only_dead_writers_temporaries(tmp_path):
@@ -244,11 +274,19 @@ def test_next_write_removes_only_dead_writers_temporaries(tmp_path):
             time.sleep(0.01)
         out = tmp_path / "out"
         out.mkdir()
-        stale = [out / f".report.html.{dead_pid()}-ab12.tmp", out / f".figures.{zombie.pid}-cd34.tmp", out / f".figures.{dead_pid()}-old"]
+        stale = [
+            out / f".report.html.{dead_pid()}-ab12.tmp",
+            out / f".figures.{zombie.pid}-cd34.tmp",
+            out / f".figures.{dead_pid()}-old",
+        ]
         for path in stale:
             path.mkdir() if "figures" in path.name else path.write_text("half")
         (stale[1] / "partial.png").write_bytes(b"x")
-        live = [out / f".report.html.{os.getppid()}-ef56.tmp", out / ".report.html.bak", out / ".figures.notes"]  # a running writer's; the user's
+        live = [
+            out / f".report.html.{os.getppid()}-ef56.tmp",
+            out / ".report.html.bak",
+            out / ".figures.notes",
+        ]  # a running writer's; the user's
         for path in live:
             path.write_text("keep")
 
@@ -266,7 +304,9 @@ def test_kill_9_while_fetch_downloads_then_fetch_again_leaves_no_download(tmp_pa
     """A whole-archive download (the server ignores Range) killed half way leaves its partial
     archive in data/ (as big as the archive); the next fetch removes it."""
     project = tmp_path / "p"
-    data = make_archive(tmp_path / "archive.zip", layout="kaggle", counts={"train": Counts(2, 2, 1), "test": Counts(1, 1, 1)}).read_bytes()
+    data = make_archive(
+        tmp_path / "archive.zip", layout="kaggle", counts={"train": Counts(2, 2, 1), "test": Counts(1, 1, 1)}
+    ).read_bytes()
     # The connection drops half way; fetch waits a moment before it resumes: the kill lands then.
     with LoopbackServer(data, ranges=False, drop_after=len(data) // 2) as server:
         write_params(project, lambda params: params["fetch"].update(source=server.url))
@@ -279,6 +319,8 @@ def test_kill_9_while_fetch_downloads_then_fetch_again_leaves_no_download(tmp_pa
     assert not (project / "data" / "raw").exists()
     with LoopbackServer(data, ranges=False) as server:
         write_params(project, lambda params: params["fetch"].update(source=server.url))
-        done = subprocess.run(command("fetch"), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            command("fetch"), check=False, cwd=project, env=script_env(), capture_output=True, text=True, timeout=300
+        )
     assert done.returncode == 0, done.stderr[-2000:]
     assert sorted(p.name for p in (project / "data").iterdir()) == ["raw"]

@@ -51,7 +51,9 @@ def expected_images(data: bytes, root: str) -> dict[str, bytes]:
 
 
 def written(raw: Path) -> dict[str, bytes]:
-    return {p.relative_to(raw).as_posix(): p.read_bytes() for p in raw.rglob("*") if p.is_file() and p.name != "sha256.csv"}
+    return {
+        p.relative_to(raw).as_posix(): p.read_bytes() for p in raw.rglob("*") if p.is_file() and p.name != "sha256.csv"
+    }
 
 
 def assert_raw(raw: Path, expected: dict[str, bytes]) -> None:
@@ -112,10 +114,17 @@ def patch_central(data: bytes, name: str, offset: int, fmt: str, value: int) -> 
 
 def mini_members(root: str = "CellData/chest_xray/") -> dict[str, bytes]:
     """Two tiny images in each of the four class folders."""
-    return {f"{root}{s}/{c}/img-{i}.jpeg": jpeg_bytes(make_xray(c, i, (24, 20))) for s in ("train", "test") for c in ("NORMAL", "PNEUMONIA") for i in range(2)}
+    return {
+        f"{root}{s}/{c}/img-{i}.jpeg": jpeg_bytes(make_xray(c, i, (24, 20)))
+        for s in ("train", "test")
+        for c in ("NORMAL", "PNEUMONIA")
+        for i in range(2)
+    }
 
 
-def zip_bytes(members: dict[str, bytes], extra: list[tuple[zipfile.ZipInfo | str, bytes]] = (), pad: bool = True) -> bytes:
+def zip_bytes(
+    members: dict[str, bytes], extra: list[tuple[zipfile.ZipInfo | str, bytes]] = (), pad: bool = True
+) -> bytes:
     """A zip of `members` and `extra`, then (pad) an incompressible OCT-like member, so that the
     chest members lie well before the end records a ranged fetch reads first."""
     buf = io.BytesIO()
@@ -125,7 +134,11 @@ def zip_bytes(members: dict[str, bytes], extra: list[tuple[zipfile.ZipInfo | str
         for info, data in extra:
             zf.writestr(info, data)
         if pad:
-            zf.writestr("CellData/OCT/test/CNV/CNV-1-1.jpeg", random.Random(0).randbytes(40_000), compress_type=zipfile.ZIP_STORED)
+            zf.writestr(
+                "CellData/OCT/test/CNV/CNV-1-1.jpeg",
+                random.Random(0).randbytes(40_000),
+                compress_type=zipfile.ZIP_STORED,
+            )
     return buf.getvalue()
 
 
@@ -197,7 +210,9 @@ def test_find_root_rules() -> None:
     ]
     assert find_root(names, "t") == "x/chest_xray/"
     with pytest.raises(CxrError, match="several 'chest_xray' folders"):
-        find_root(["a/chest_xray/train/N/x", "a/chest_xray/test/N/x", "b/chest_xray/train/N/x", "b/chest_xray/test/N/x"], "t")
+        find_root(
+            ["a/chest_xray/train/N/x", "a/chest_xray/test/N/x", "b/chest_xray/train/N/x", "b/chest_xray/test/N/x"], "t"
+        )
 
 
 def test_coalesce_merges_small_gaps_within_the_slack() -> None:
@@ -235,7 +250,9 @@ def test_ranged_fetch_downloads_only_the_chest_part(archives: dict[str, Path], t
     assert len(server.stats.requests) <= 4  # end records, central directory, coalesced members
 
 
-def test_ranged_fetch_of_interleaved_kaggle_layout_skips_the_duplicates(archives: dict[str, Path], tmp_path: Path) -> None:
+def test_ranged_fetch_of_interleaved_kaggle_layout_skips_the_duplicates(
+    archives: dict[str, Path], tmp_path: Path
+) -> None:
     data = archives["kaggle"].read_bytes()
     spans, _, cd_size = needed_bytes(data, "chest_xray/")
     with LoopbackServer(data, ranges=True) as server:
@@ -269,7 +286,10 @@ def test_ranged_fetch_reads_through_small_junk_between_members(tmp_path: Path) -
         members[name] = data
         folder, file = name.rsplit("/", 1)
         members[f"{folder}/._{file}"] = b"\x00\x05\x16\x07" + bytes(40)  # macOS AppleDouble junk
-    members = {k: (jpeg_bytes(make_xray("NORMAL", i, (160, 144))) if "/._" not in k else v) for i, (k, v) in enumerate(members.items())}
+    members = {
+        k: (jpeg_bytes(make_xray("NORMAL", i, (160, 144))) if "/._" not in k else v)
+        for i, (k, v) in enumerate(members.items())
+    }
     data = zip_bytes(members)
     spans, _, cd_size = needed_bytes(data, "CellData/chest_xray/")
     with LoopbackServer(data, ranges=True) as server:
@@ -332,7 +352,11 @@ def bad_archives() -> dict[str, tuple[bytes, str, int]]:
         dup = zip_bytes(good, [("CellData/chest_xray/test/NORMAL/img-0.jpeg", b"other")])
     return {
         "dotdot": (zip_bytes(good, [("../evil.jpeg", b"x")]), r"'\.\./evil\.jpeg'.*zip-slip", CAP),
-        "dotdot-inside": (zip_bytes(good, [("CellData/chest_xray/train/NORMAL/../../../../evil.jpeg", b"x")]), "zip-slip", CAP),
+        "dotdot-inside": (
+            zip_bytes(good, [("CellData/chest_xray/train/NORMAL/../../../../evil.jpeg", b"x")]),
+            "zip-slip",
+            CAP,
+        ),
         "absolute": (zip_bytes(good, [(zipfile.ZipInfo("/tmp/evil.jpeg"), b"x")]), r"'/tmp/evil\.jpeg'.*zip-slip", CAP),
         "symlink": (zip_bytes(good, [(symlink, b"/etc/passwd")]), "link.jpeg' is a symbolic link", CAP),
         "bomb-declared": (zip_bytes(bomb), r"declares .* over fetch\.max_uncompressed_mb", 200_000),
@@ -342,7 +366,9 @@ def bad_archives() -> dict[str, tuple[bytes, str, int]]:
         "no-chest": (zip_bytes({"CellData/OCT/train/CNV/a.jpeg": b"x"}), "no 'chest_xray' folder", CAP),
         "missing-class": (zip_bytes(missing), r"CellData/chest_xray/test/NORMAL/ is missing", CAP),
         "empty-split": (
-            zip_bytes(empty_split, [("CellData/chest_xray/test/", b""), ("CellData/chest_xray/test/NORMAL/.DS_Store", b"x")]),
+            zip_bytes(
+                empty_split, [("CellData/chest_xray/test/", b""), ("CellData/chest_xray/test/NORMAL/.DS_Store", b"x")]
+            ),
             r"CellData/chest_xray/test/ holds no images \(empty split\)",
             CAP,
         ),
@@ -384,7 +410,9 @@ def test_bad_local_archive_is_refused_and_leaves_no_output(case: str, preexistin
     assert_refused(exc, pattern, tmp_path / "data", before)
 
 
-@pytest.mark.parametrize("case", ["dotdot", "symlink", "bomb-declared", "truncated", "missing-class", "deflate64", "empty", "html-file"])
+@pytest.mark.parametrize(
+    "case", ["dotdot", "symlink", "bomb-declared", "truncated", "missing-class", "deflate64", "empty", "html-file"]
+)
 def test_bad_archive_over_ranges_is_refused_before_downloading_members(case: str, tmp_path: Path) -> None:
     data, pattern, cap = BAD[case]
     with LoopbackServer(data, ranges=True) as server:
@@ -440,7 +468,14 @@ def stage(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
     params["fetch"]["source"] = source
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, str(ROOT / "stages" / "fetch.py")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "fetch.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_stage_script_fetches_and_reports_errors_in_one_line(archives: dict[str, Path], tmp_path: Path) -> None:
@@ -468,7 +503,11 @@ def test_real_archive_over_ranges_matches_the_local_fetch(tmp_path: Path) -> Non
     local = run(str(REAL), tmp_path / "local")
     with LoopbackServer(data, ranges=True) as server:
         ranged = run(server.url, tmp_path / "ranged")
-    assert local.counts == ranged.counts == {"train/NORMAL": 1341, "train/PNEUMONIA": 3875, "test/NORMAL": 234, "test/PNEUMONIA": 390}
+    assert (
+        local.counts
+        == ranged.counts
+        == {"train/NORMAL": 1341, "train/PNEUMONIA": 3875, "test/NORMAL": 234, "test/PNEUMONIA": 390}
+    )
     assert (tmp_path / "local" / "sha256.csv").read_bytes() == (tmp_path / "ranged" / "sha256.csv").read_bytes()
     assert ranged.used_ranges and ranged.compressed_bytes == compressed and ranged.pruned == 8  # the OCT samples
     assert server.body_bytes == ranged.bytes_transferred <= 1.05 * (spans + cd_size)

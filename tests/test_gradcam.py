@@ -22,7 +22,9 @@ def positive_head():
     a ReLU feature map is non-empty by construction, not by a lucky random initialisation."""
     import keras
 
-    return keras.layers.Dense(1, activation="sigmoid", kernel_initializer=keras.initializers.RandomUniform(0.01, 0.1, seed=1))
+    return keras.layers.Dense(
+        1, activation="sigmoid", kernel_initializer=keras.initializers.RandomUniform(0.01, 0.1, seed=1)
+    )
 
 
 def _backbone(channels: int, pool_inside: bool, size: int = SIZE):
@@ -114,7 +116,11 @@ def _seed():
     keras.utils.set_random_seed(7)
 
 
-@pytest.mark.parametrize("build", [lambda: nested_model(False), lambda: nested_model(True), sequential_model], ids=["nested_map", "nested_pool", "sequential"])
+@pytest.mark.parametrize(
+    "build",
+    [lambda: nested_model(False), lambda: nested_model(True), sequential_model],
+    ids=["nested_map", "nested_pool", "sequential"],
+)
 def test_heatmap_shape_range_and_not_constant(build, tmp_path):
     model = build()
     for m in (model, roundtrip(model, tmp_path)):
@@ -174,7 +180,9 @@ def test_mobilenet_v2_backbone_with_pooling_inside():
     import keras
     from keras import layers
 
-    backbone = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None, pooling="avg")
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None, pooling="avg"
+    )
     inputs = keras.Input((64, 64, 1))
     x = layers.Rescaling(1.0 / 127.5, offset=-1)(inputs)
     x = backbone(layers.Concatenate()([x, x, x]))
@@ -188,7 +196,13 @@ def test_model_without_convolutions_is_refused():
     from keras import layers
 
     dense = keras.Sequential(
-        [keras.Input((SIZE, SIZE, 1)), layers.Rescaling(1.0 / 255), layers.Flatten(), layers.Dense(1, activation="sigmoid")], name="dense_only"
+        [
+            keras.Input((SIZE, SIZE, 1)),
+            layers.Rescaling(1.0 / 255),
+            layers.Flatten(),
+            layers.Dense(1, activation="sigmoid"),
+        ],
+        name="dense_only",
     )
     with pytest.raises(CxrError, match="dense_only.*no convolution layer"):
         GradCam(dense)
@@ -216,7 +230,9 @@ def test_overlay_blends_jet_over_gray():
 
 def test_gradcam_grid_writes_a_png(tmp_path):
     images = [image(i)[0] for i in range(5)]
-    out = gradcam_grid(sequential_model(), images, [f"TP {i}" for i in range(5)], tmp_path / "figs" / "grid.png", ncols=3)
+    out = gradcam_grid(
+        sequential_model(), images, [f"TP {i}" for i in range(5)], tmp_path / "figs" / "grid.png", ncols=3
+    )
     assert out == tmp_path / "figs" / "grid.png"
     with Image.open(out) as png:
         assert png.format == "PNG" and png.width > png.height  # 3 columns by 2 rows

@@ -40,7 +40,9 @@ def probe_model(size: int = SIZE, seed: int = 0):
     kernel[:, :, 0, 1] = 1.0 / 9
     model.get_layer("conv").set_weights([kernel, np.zeros(2, "float32")])
     rng = np.random.default_rng(seed)
-    model.get_layer("head").set_weights([rng.normal(0, 0.15, (size * size * 2, 1)).astype("float32"), np.zeros(1, "float32")])
+    model.get_layer("head").set_weights(
+        [rng.normal(0, 0.15, (size * size * 2, 1)).astype("float32"), np.zeros(1, "float32")]
+    )
     return model
 
 
@@ -81,7 +83,9 @@ def xray(seed: int = 0, size: tuple[int, int] = (64, 48)) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
-    return save_model(probe_model(), tmp_path_factory.mktemp("models") / "models" / "probe.keras", sidecar(threshold=0.45))
+    return save_model(
+        probe_model(), tmp_path_factory.mktemp("models") / "models" / "probe.keras", sidecar(threshold=0.45)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +289,9 @@ def test_bad_files_fail_alone(tmp_path, loaded):
     assert "gone.png: no such file" in preds[3].error
     assert "too small" in preds[4].error
     assert all(p.probability is None and p.label is None for p in preds[1:5])
-    np.testing.assert_allclose([preds[0].probability, preds[5].probability], reference([good1, good2], loaded), atol=1e-6)
+    np.testing.assert_allclose(
+        [preds[0].probability, preds[5].probability], reference([good1, good2], loaded), atol=1e-6
+    )
 
 
 def test_prediction_as_dict_round_trips_json():

@@ -67,7 +67,14 @@ def test_single_class_gives_json_safe_nones():
 
 @pytest.mark.parametrize(
     "y, p, threshold",
-    [([0, 1], [0.1], 0.5), ([], [], 0.5), ([0, 2], [0.1, 0.2], 0.5), ([0, 1], [0.1, 1.2], 0.5), ([0, 1], [0.1, float("nan")], 0.5), ([0, 1], [0.1, 0.9], 1.5)],
+    [
+        ([0, 1], [0.1], 0.5),
+        ([], [], 0.5),
+        ([0, 2], [0.1, 0.2], 0.5),
+        ([0, 1], [0.1, 1.2], 0.5),
+        ([0, 1], [0.1, float("nan")], 0.5),
+        ([0, 1], [0.1, 0.9], 1.5),
+    ],
 )
 def test_bad_inputs_raise_value_error(y, p, threshold):
     with pytest.raises(ValueError):
@@ -158,12 +165,16 @@ def real_test_names() -> list[str]:
     if not archive.is_file():
         pytest.skip(f"{archive} not present")
     with zipfile.ZipFile(archive) as zf:
-        return [n for n in zf.namelist() if "chest_xray/test/NORMAL/" in n and n.lower().endswith((".jpeg", ".jpg", ".png"))]
+        return [
+            n for n in zf.namelist() if "chest_xray/test/NORMAL/" in n and n.lower().endswith((".jpeg", ".jpg", ".png"))
+        ]
 
 
 def test_specificity_by_series_on_the_real_test_names(real_test_names):
     # every normal is called normal: each series' n is its share of the 234 test normals
-    out = metrics.specificity_by_series(np.zeros(len(real_test_names), int), np.zeros(len(real_test_names)), real_test_names, 0.5)
+    out = metrics.specificity_by_series(
+        np.zeros(len(real_test_names), int), np.zeros(len(real_test_names)), real_test_names, 0.5
+    )
     assert list(out) == ["IM", "NORMAL2-IM"]  # the two Kaggle/v2 series, nothing unparsed
     assert out["IM"]["n"] > 50 and out["NORMAL2-IM"]["n"] > 100
     assert sum(v["n"] for v in out.values()) == len(real_test_names)
@@ -219,7 +230,9 @@ def test_blank_patient_ids_count_as_one_image_each():
 
 def _rows(n: int) -> pd.DataFrame:
     sub = np.array(["normal", "bacteria", "virus", "bacteria"] * (n // 4))
-    return pd.DataFrame({"path": [f"data/raw/img{i}.jpeg" for i in range(n)], "subtype": sub, "patient_id": _patients(n, 2)})
+    return pd.DataFrame(
+        {"path": [f"data/raw/img{i}.jpeg" for i in range(n)], "subtype": sub, "patient_id": _patients(n, 2)}
+    )
 
 
 def test_evaluate_probabilities_outputs():
@@ -227,7 +240,9 @@ def test_evaluate_probabilities_outputs():
     rows = _rows(n)
     y = (rows["subtype"] != "normal").astype(int).to_numpy()
     p = np.clip(0.3 * y + 0.7 * np.random.default_rng(0).random(n), 0, 1)
-    ev = metrics.evaluate_probabilities(y, p, rows, 0.3, val_roc_auc=0.91, bootstrap_samples=50, calibration_bins=10, seed=42)
+    ev = metrics.evaluate_probabilities(
+        y, p, rows, 0.3, val_roc_auc=0.91, bootstrap_samples=50, calibration_bins=10, seed=42
+    )
     m = ev.metrics
     json.dumps(m, allow_nan=False)
     assert m["n_test"] == n and m["n_patients_test"] == n // 2 and m["val_roc_auc"] == 0.91
@@ -249,7 +264,9 @@ def test_evaluate_probabilities_outputs():
 
 def test_evaluate_probabilities_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="rows"):
-        metrics.evaluate_probabilities([0, 1], [0.1, 0.9], _rows(4), 0.5, val_roc_auc=None, bootstrap_samples=10, calibration_bins=5, seed=0)
+        metrics.evaluate_probabilities(
+            [0, 1], [0.1, 0.9], _rows(4), 0.5, val_roc_auc=None, bootstrap_samples=10, calibration_bins=5, seed=0
+        )
 
 
 # --- threshold rules (train.threshold_rule) ---------------------------------------------------

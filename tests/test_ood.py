@@ -32,7 +32,10 @@ def chest_like(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
     out = []
     for _ in range(n):
         body = 170 + rng.normal(0, 10)
-        lungs = sum(np.exp(-(((xx - cx) / 0.13) ** 2 + ((yy - 0.5) / 0.25) ** 2)) for cx in (0.3 + rng.normal(0, 0.02), 0.7 + rng.normal(0, 0.02)))
+        lungs = sum(
+            np.exp(-(((xx - cx) / 0.13) ** 2 + ((yy - 0.5) / 0.25) ** 2))
+            for cx in (0.3 + rng.normal(0, 0.02), 0.7 + rng.normal(0, 0.02))
+        )
         img = body - 110 * lungs + rng.normal(0, 8, (size, size))
         out.append(np.clip(img, 0, 255).astype(np.uint8)[:, :, None])
     return np.stack(out)
@@ -48,7 +51,9 @@ def test_mahalanobis_ranks_planted_outliers_above_inliers():
     outliers[:, :3] += 2.5
     d = ood.Mahalanobis.fit(train)
     auc = roc_auc_score(np.r_[np.zeros(200), np.ones(200)], np.r_[d.distance(inliers), d.distance(outliers)])
-    euclid = roc_auc_score(np.r_[np.zeros(200), np.ones(200)], np.r_[np.linalg.norm(inliers, axis=1), np.linalg.norm(outliers, axis=1)])
+    euclid = roc_auc_score(
+        np.r_[np.zeros(200), np.ones(200)], np.r_[np.linalg.norm(inliers, axis=1), np.linalg.norm(outliers, axis=1)]
+    )
     assert auc > 0.97 and auc > euclid + 0.1
     assert d.distance(inliers).mean() == pytest.approx(20, rel=0.25)  # E[d²] = dimension for the fitted Gaussian
 
@@ -84,7 +89,12 @@ def test_gate_round_trips_through_its_file(tmp_path):
     gate.save(tmp_path / "m.ood.npz")
     back = ood.Gate.load(tmp_path / "m.ood.npz")
     np.testing.assert_allclose(back.scores(*data["val"]), gate.scores(*data["val"]), rtol=1e-5)
-    assert (back.refer_low, back.refer_high, back.checks, back.meta) == (gate.refer_low, gate.refer_high, gate.checks, gate.meta)
+    assert (back.refer_low, back.refer_high, back.checks, back.meta) == (
+        gate.refer_low,
+        gate.refer_high,
+        gate.checks,
+        gate.meta,
+    )
 
 
 def test_unreadable_gate_file_is_a_one_line_error(tmp_path):
@@ -102,9 +112,13 @@ def test_refer_band_coverage_matches_its_target(target, threshold):
     assert low <= threshold <= high
     assert target <= selective.answered(p, low, high).mean() <= target + 0.02  # on the probabilities it was set on
     fresh = 1 / (1 + np.exp(-rng.normal(selective.logit(threshold), 3, 5000)))
-    assert abs(selective.answered(fresh, low, high).mean() - target) <= 0.02  # and on new ones from the same distribution
+    assert (
+        abs(selective.answered(fresh, low, high).mean() - target) <= 0.02
+    )  # and on new ones from the same distribution
     # symmetric in logits around the threshold
-    assert selective.logit(high) - selective.logit(threshold) == pytest.approx(selective.logit(threshold) - selective.logit(low))
+    assert selective.logit(high) - selective.logit(threshold) == pytest.approx(
+        selective.logit(threshold) - selective.logit(low)
+    )
 
 
 def test_refer_band_of_full_coverage_is_empty():
@@ -127,7 +141,9 @@ def test_risk_coverage_ends_at_full_coverage_and_answers_the_most_confident_firs
     curve = selective.risk_coverage(y, p, 0.5)
     full = selective.answered_metrics(y, p, 0.5, np.ones(6, bool))
     assert [c["coverage"] for c in curve] == pytest.approx(np.arange(1, 7) / 6)
-    assert {k: curve[-1][k] for k in ("accuracy", "sensitivity", "specificity")} == {k: full[k] for k in ("accuracy", "sensitivity", "specificity")}
+    assert {k: curve[-1][k] for k in ("accuracy", "sensitivity", "specificity")} == {
+        k: full[k] for k in ("accuracy", "sensitivity", "specificity")
+    }
     assert curve[0] == {"coverage": 1 / 6, "accuracy": 1.0, "sensitivity": 1.0, "specificity": None}  # 0.99 first
     at = selective.at_coverage(y, p, 0.5, 0.5)
     assert at["n_answered"] == 3 and at["accuracy"] == pytest.approx(2 / 3)  # 0.99 ✓, 0.02 ✓, 0.9 ✗
@@ -168,7 +184,10 @@ def test_facts_come_from_the_same_decode_as_the_pixels(tmp_path):
 
 
 def test_every_synthetic_family_is_built_and_seeded():
-    a, b = ood_families.synthetic_families(np.random.default_rng(8), 6), ood_families.synthetic_families(np.random.default_rng(8), 6)
+    a, b = (
+        ood_families.synthetic_families(np.random.default_rng(8), 6),
+        ood_families.synthetic_families(np.random.default_rng(8), 6),
+    )
     assert set(a) == {"constant", "near_constant", "noise", "photos", "photos_gray", "oct"}
     for name, images in a.items():
         assert len(images) == 6 and all(img.dtype == np.uint8 for img in images), name
@@ -191,7 +210,15 @@ def test_penultimate_features_are_the_input_of_the_last_dense_through_a_nested_h
     head = keras.Model(head_in, layers.Dense(1, activation="sigmoid")(layers.Dense(7, activation="relu")(head_in)))
     composed = keras.Model(extractor.input, head(extractor.output))
     assert tuple(ood.penultimate(composed).outputs[0].shape) == (None, 7)
-    plain = keras.Sequential([keras.Input((16, 16, 1)), layers.Flatten(), layers.Dense(5), layers.Dropout(0.2), layers.Dense(1, activation="sigmoid")])
+    plain = keras.Sequential(
+        [
+            keras.Input((16, 16, 1)),
+            layers.Flatten(),
+            layers.Dense(5),
+            layers.Dropout(0.2),
+            layers.Dense(1, activation="sigmoid"),
+        ]
+    )
     assert tuple(ood.penultimate(plain).outputs[0].shape) == (None, 5)
 
 
@@ -217,8 +244,14 @@ def test_view_check_tells_upright_films_from_rotated_flipped_inverted_and_croppe
     view = ood.ViewCheck.fit(_upright(rng, 300), rng)
     fresh = _upright(rng, 100)
     cut = np.quantile(view.logit(ood.thumbnails(fresh)), 0.99)
-    corner = np.stack([np.asarray(Image.fromarray(i[:8, :8, 0]).resize((32, 32), Image.Resampling.BILINEAR)) for i in fresh])[..., None]
-    for name, wrong in {"upside down": np.rot90(fresh, 2, axes=(1, 2)), "inverted": 255 - fresh, "corner": corner}.items():
+    corner = np.stack(
+        [np.asarray(Image.fromarray(i[:8, :8, 0]).resize((32, 32), Image.Resampling.BILINEAR)) for i in fresh]
+    )[..., None]
+    for name, wrong in {
+        "upside down": np.rot90(fresh, 2, axes=(1, 2)),
+        "inverted": 255 - fresh,
+        "corner": corner,
+    }.items():
         assert np.mean(view.logit(ood.thumbnails(wrong)) > cut) >= 0.95, name
 
 
@@ -243,7 +276,9 @@ def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_fi
     cut = np.quantile(view.logit(ood.thumbnails(train[1200:])), 0.997)
     assert np.mean(view.logit(ood.thumbnails(test)) > cut) <= 0.02
     for family, images in ood_families.xray_families(test).items():
-        resized = np.stack([np.asarray(Image.fromarray(i).resize((64, 64), Image.Resampling.BILINEAR)) for i in images])[..., None]
+        resized = np.stack(
+            [np.asarray(Image.fromarray(i).resize((64, 64), Image.Resampling.BILINEAR)) for i in images]
+        )[..., None]
         assert np.mean(view.logit(ood.thumbnails(resized)) > cut) >= 0.9, family
 
 
@@ -268,18 +303,32 @@ def test_tiny_pipeline_gate_labels_what_is_not_an_xray(tiny_pipeline, tmp_path):
 
     work = tiny_pipeline.origin
     metrics = json.loads((work / "metrics" / "cnn_baseline_ood.json").read_text())
-    assert set(metrics["families"]) >= {"constant", "near_constant", "noise", "photos", "oct", "rotated_90", "rotated_180", "inverted", "corner_crop"}
+    assert set(metrics["families"]) >= {
+        "constant",
+        "near_constant",
+        "noise",
+        "photos",
+        "oct",
+        "rotated_90",
+        "rotated_180",
+        "inverted",
+        "corner_crop",
+    }
     assert metrics["families"]["constant"]["flag_rate"] == 1.0 and metrics["families"]["photos"]["flag_rate"] == 1.0
     assert metrics["val_in_distribution"] >= 0.99 or metrics["n_val"] < 100
     assert abs(metrics["refer_band"]["val_coverage"] - 0.9) <= 0.02 or metrics["n_val"] < 50
-    assert (work / "models" / "cnn_baseline.ood.npz").is_file() and (work / "plots" / "cnn_baseline" / "risk_coverage.csv").is_file()
+    assert (work / "models" / "cnn_baseline.ood.npz").is_file() and (
+        work / "plots" / "cnn_baseline" / "risk_coverage.csv"
+    ).is_file()
     black, photo = tmp_path / "black.png", tmp_path / "photo.jpg"
     Image.fromarray(np.zeros((512, 512), np.uint8)).save(black)
     Image.fromarray(load_sample_images().images[0]).save(photo)
     cxr = str(Path(sys.executable).with_name("cxr"))
     done = sh(work, cxr, "predict", str(black), str(photo), "--model", "models/cnn_baseline.keras", "--format", "json")
     rows = json.loads(done.stdout)
-    assert [r["label"] for r in rows] == [OUT_OF_DISTRIBUTION] * 2 and all(r["ood"] and r["probability"] is not None for r in rows)
+    assert [r["label"] for r in rows] == [OUT_OF_DISTRIBUTION] * 2 and all(
+        r["ood"] and r["probability"] is not None for r in rows
+    )
     assert "near-constant" in rows[0]["ood_reason"] and "colour" in rows[1]["ood_reason"]
     assert all(math.isfinite(r["ood_score"]) and r["refer_low"] <= r["threshold"] <= r["refer_high"] for r in rows)
     assert "warning: 2 of 2" in done.stderr

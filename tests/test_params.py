@@ -90,7 +90,14 @@ def test_unknown_variant_is_a_clear_error(raw):
         params.parse(raw).variant("nope")
 
 
-@pytest.mark.parametrize("rule, parsed", [("youden", ("youden", None)), ("sensitivity:0.97", ("sensitivity", 0.97)), ("calibrated_0.5", ("calibrated", 0.5))])
+@pytest.mark.parametrize(
+    "rule, parsed",
+    [
+        ("youden", ("youden", None)),
+        ("sensitivity:0.97", ("sensitivity", 0.97)),
+        ("calibrated_0.5", ("calibrated", 0.5)),
+    ],
+)
 def test_threshold_rules_parse(raw, rule, parsed):
     raw["train"]["threshold_rule"] = rule
     assert params.parse_threshold_rule(params.parse(raw).train.threshold_rule) == parsed

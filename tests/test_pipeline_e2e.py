@@ -26,14 +26,18 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_pipeline):
     work = tiny_pipeline.origin
     params = yaml.safe_load((work / "params.yaml").read_text())
     variants, cv = list(params["variants"]), params["cv"]
-    expected = {"fetch", "split", "preprocess", "report"} | {f"{s}@{v}" for s in ("train", "evaluate", "ood", "export") for v in variants}
+    expected = {"fetch", "split", "preprocess", "report"} | {
+        f"{s}@{v}" for s in ("train", "evaluate", "ood", "export") for v in variants
+    }
     expected |= {f"train_fold@{v}-{k}" for v in cv["variants"] for k in cv["folds"]}
     expected |= {f"{s}@{v}" for s in ("ensemble", "evaluate_cv", "ood_cv", "export_cv") for v in cv["variants"]}
     assert ran(tiny_pipeline.first_run) == expected
     for v in variants + [f"{v}_cv" for v in cv["variants"]]:
         export = json.loads((work / f"metrics/{v}_export.json").read_text())
         assert export["max_abs_probability_diff"] <= 1e-4 and export["class_agreement"] == 1.0, v
-        assert (work / f"models/{v}.tflite").is_file() and json.loads((work / f"models/{v}.tflite.json").read_text())["format"] == "litert"
+        assert (work / f"models/{v}.tflite").is_file() and json.loads((work / f"models/{v}.tflite.json").read_text())[
+            "format"
+        ] == "litert"
         metrics = json.loads((work / f"metrics/{v}.json").read_text())
         assert 0 <= metrics["roc_auc"] <= 1 and metrics["n_test"] == 20
         assert (work / f"models/{v}.keras").exists()
@@ -56,7 +60,13 @@ def test_one_variant_param_reruns_only_that_variant(tiny_pipeline, tmp_path):
     params["variants"]["cnn_baseline"]["learning_rate"] = 0.001
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = sh(work, DVC, "repro")
-    assert ran(done.stdout + done.stderr) == {"train@cnn_baseline", "evaluate@cnn_baseline", "ood@cnn_baseline", "export@cnn_baseline", "report"}
+    assert ran(done.stdout + done.stderr) == {
+        "train@cnn_baseline",
+        "evaluate@cnn_baseline",
+        "ood@cnn_baseline",
+        "export@cnn_baseline",
+        "report",
+    }
     diff = json.loads(sh(work, DVC, "metrics", "diff", "--json").stdout)
     assert diff.get("metrics/cnn_baseline.json"), diff
     assert "metrics/cnn_augmented.json" not in diff

@@ -13,18 +13,27 @@ def test_preprocess_depends_on_every_variant_size(project_root):
     variants = load(project_root, "params.yaml")["variants"]
     listed = load(project_root, "dvc.yaml")["stages"]["preprocess"]["params"]
     for name in variants:
-        assert f"variants.{name}.image_size" in listed, f"add variants.{name}.image_size to preprocess params in dvc.yaml"
+        assert f"variants.{name}.image_size" in listed, (
+            f"add variants.{name}.image_size to preprocess params in dvc.yaml"
+        )
 
 
 def test_report_depends_on_every_model(project_root):
     """Every variant's and every k-fold ensemble's results (ensembles have no training curves)."""
     params = load(project_root, "params.yaml")
     deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
-    models = [(name, True) for name in params["variants"]] + [(f"{v}_cv", False) for v in params.get("cv", {}).get("variants", [])]
+    models = [(name, True) for name in params["variants"]] + [
+        (f"{v}_cv", False) for v in params.get("cv", {}).get("variants", [])
+    ]
     for name, has_curves in models:
         files = [f"metrics/{name}.json", f"metrics/{name}_stress.json", f"models/{name}.json", f"models/{name}.keras"]
         # its out-of-distribution gate's figures (stage ood@<v>, ood_cv@<v>) and a variant's training curves
-        files += [f"plots/{name}/roc.csv", f"plots/{name}/predictions.csv", f"metrics/{name}_ood.json", f"plots/{name}/risk_coverage.csv"]
+        files += [
+            f"plots/{name}/roc.csv",
+            f"plots/{name}/predictions.csv",
+            f"metrics/{name}_ood.json",
+            f"plots/{name}/risk_coverage.csv",
+        ]
         files += [f"dvclive/{name}/plots/metrics"] if has_curves else []
         for path in files:
             assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"

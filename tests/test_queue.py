@@ -56,7 +56,9 @@ def test_queued_grid_runs_each_value_and_exp_show_lists_them(tiny_pipeline, tmp_
     queued = sh(work, DVC, "exp", "run", "--queue", "-n", "grid", "-S", f"variants.{VARIANT}.epochs={values}")
     names = re.findall(r"Queued experiment '([^']+)'", queued.stdout)
     assert sorted(names) == ["grid-1", "grid-2"], queued.stdout
-    assert set(queue_states(work, names).values()) == {"Queued"}, "queued experiments must not run before `dvc queue start`"
+    assert set(queue_states(work, names).values()) == {"Queued"}, (
+        "queued experiments must not run before `dvc queue start`"
+    )
 
     try:
         sh(work, DVC, "queue", "start", "-j", "1")
@@ -64,7 +66,9 @@ def test_queued_grid_runs_each_value_and_exp_show_lists_them(tiny_pipeline, tmp_
         states = queue_states(work, names)
         while not (len(states) == len(names) and set(states.values()) <= DONE):
             if time.monotonic() > deadline:
-                pytest.fail(f"queued experiments still not done after {WAIT_S}s: {states}\n{sh(work, DVC, 'queue', 'status').stdout}")
+                pytest.fail(
+                    f"queued experiments still not done after {WAIT_S}s: {states}\n{sh(work, DVC, 'queue', 'status').stdout}"
+                )
             time.sleep(2)
             states = queue_states(work, names)
         if set(states.values()) != {"Success"}:
@@ -76,7 +80,9 @@ def test_queued_grid_runs_each_value_and_exp_show_lists_them(tiny_pipeline, tmp_
     for name in names:  # each run redid only what the parameter feeds (ran, or restored from DVC's run cache)
         log = sh(work, DVC, "queue", "logs", name).stdout
         redone = {a or b for a, b in re.findall(r"Running stage '([^']+)'|Stage '([^']+)' is cached", log)}
-        assert redone == {f"train@{VARIANT}", f"evaluate@{VARIANT}", f"ood@{VARIANT}", f"export@{VARIANT}", "report"}, log[-3000:]
+        assert redone == {f"train@{VARIANT}", f"evaluate@{VARIANT}", f"ood@{VARIANT}", f"export@{VARIANT}", "report"}, (
+            log[-3000:]
+        )
 
     shown = walk_experiments(json.loads(sh(work, DVC, "exp", "show", "--json").stdout))
     assert set(names) <= set(shown), sorted(shown)
@@ -86,7 +92,9 @@ def test_queued_grid_runs_each_value_and_exp_show_lists_them(tiny_pipeline, tmp_
         params = data["params"]["params.yaml"]["data"]
         epochs[name] = params["variants"][VARIANT]["epochs"]
         # every other variant keeps its committed parameters: the grid touched one parameter only
-        assert {v: p for v, p in params["variants"].items() if v != VARIANT} == {v: p for v, p in committed.items() if v != VARIANT}
+        assert {v: p for v, p in params["variants"].items() if v != VARIANT} == {
+            v: p for v, p in committed.items() if v != VARIANT
+        }
         metrics = data["metrics"][f"metrics/{VARIANT}.json"]["data"]
         assert 0 <= metrics["roc_auc"] <= 1
     assert sorted(epochs.values()) == grid

@@ -76,7 +76,9 @@ def test_artifact_names_are_valid_and_paths_are_stage_outputs(project_root):
     for name, artifact in read.items():
         check_name_format(name)  # what `dvc artifacts get` and gto accept
         assert NAME_RE.match(name), f"artifact {name}: lowercase letters, digits and single dashes only"
-        assert artifact.path in outs and outs[artifact.path].use_cache, f"artifact {name}: {artifact.path} is no cached stage output"
+        assert artifact.path in outs and outs[artifact.path].use_cache, (
+            f"artifact {name}: {artifact.path} is no cached stage output"
+        )
         if artifact.type == "model":
             metrics = artifact.meta["metrics"]
             assert metrics in outs and outs[metrics].metric, f"artifact {name}: {metrics} is no stage's metrics file"
@@ -87,7 +89,19 @@ def test_artifact_names_are_valid_and_paths_are_stage_outputs(project_root):
 
 def predict_json(cwd: Path, model: Path, image: Path) -> tuple[list[dict], str]:
     """`cxr predict --format json` run from `cwd` with this checkout's cxr; its rows and stderr."""
-    done = sh(cwd, sys.executable, "-m", "cxr.serving.cli", "predict", str(image), "--model", str(model), "--format", "json", env={"PYTHONPATH": str(ROOT)})
+    done = sh(
+        cwd,
+        sys.executable,
+        "-m",
+        "cxr.serving.cli",
+        "predict",
+        str(image),
+        "--model",
+        str(model),
+        "--format",
+        "json",
+        env={"PYTHONPATH": str(ROOT)},
+    )
     return json.loads(done.stdout), done.stderr
 
 
@@ -114,7 +128,9 @@ def test_a_teammate_gets_a_registered_model_from_the_remote_without_a_clone(tiny
     teammate = tmp_path / "teammate"
     teammate.mkdir()
     before = sh(teammate, DVC, "artifacts", "get", str(hub), name, "--rev", VERSION, check=False)
-    assert before.returncode != 0 and not (teammate / trio[name]).exists(), "fetched before the push: not from the remote"
+    assert before.returncode != 0 and not (teammate / trio[name]).exists(), (
+        "fetched before the push: not from the remote"
+    )
 
     sh(pusher, DVC, "push", "-q")
     for artifact, file in trio.items():

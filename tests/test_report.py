@@ -23,7 +23,9 @@ from cxr.model.sidecar import Sidecar, ValSummary
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 60, seed: int = 0) -> report.VariantResult:
+def fake_result(
+    name: str, val_auc: float | None, test_quality: float, n: int = 60, seed: int = 0
+) -> report.VariantResult:
     """A variant whose test scores separate the classes by `test_quality` (negative: inverted)."""
     rng = np.random.default_rng(seed)
     y = np.array([0, 1, 1] * (n // 3))
@@ -32,7 +34,9 @@ def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 
     names = np.where(
         y == 1,
         [f"person{i}_virus_1" for i in range(n)],
-        np.where(np.arange(n) % 2, [f"IM-{i:04d}-0001" for i in range(n)], [f"NORMAL2-IM-{i:04d}-0001" for i in range(n)]),
+        np.where(
+            np.arange(n) % 2, [f"IM-{i:04d}-0001" for i in range(n)], [f"NORMAL2-IM-{i:04d}-0001" for i in range(n)]
+        ),
     )
     rows = pd.DataFrame(
         {
@@ -41,7 +45,9 @@ def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 
             "patient_id": [f"p{i // 2}" for i in range(n)],
         }
     )
-    ev = metrics.evaluate_probabilities(y, p, rows, 0.5, val_roc_auc=val_auc, bootstrap_samples=30, calibration_bins=5, seed=1)
+    ev = metrics.evaluate_probabilities(
+        y, p, rows, 0.5, val_roc_auc=val_auc, bootstrap_samples=30, calibration_bins=5, seed=1
+    )
     meta = Sidecar(
         variant=name,
         model="cnn",
@@ -49,7 +55,9 @@ def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 
         resize="squash",
         threshold=0.5,
         threshold_rule="youden",
-        val=ValSummary(roc_auc=float("nan") if val_auc is None else val_auc, accuracy=0.8, sensitivity=0.8, specificity=0.8, n=12),
+        val=ValSummary(
+            roc_auc=float("nan") if val_auc is None else val_auc, accuracy=0.8, sensitivity=0.8, specificity=0.8, n=12
+        ),
         epochs_run=3,
         train_seconds=12.5,
         seed=42,
@@ -58,7 +66,9 @@ def fake_result(name: str, val_auc: float | None, test_quality: float, n: int = 
 
 
 # what train writes to metrics/<v>_stress.json, for four validation images and one shift
-STRESS = stress_summary(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), {"blur": np.array([0.3, 0.6, 0.7, 0.4])}, 0.5)
+STRESS = stress_summary(
+    np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), {"blur": np.array([0.3, 0.6, 0.7, 0.4])}, 0.5
+)
 
 AUDIT = {
     "strategy": "patient_grouped",
@@ -78,7 +88,10 @@ AUDIT = {
 
 
 def test_best_is_chosen_by_validation_auc_not_test():
-    results = {"good_on_test": fake_result("good_on_test", 0.80, 0.6), "good_on_val": fake_result("good_on_val", 0.95, 0.1, seed=1)}
+    results = {
+        "good_on_test": fake_result("good_on_test", 0.80, 0.6),
+        "good_on_val": fake_result("good_on_val", 0.95, 0.1, seed=1),
+    }
     assert results["good_on_test"].metrics["roc_auc"] > results["good_on_val"].metrics["roc_auc"]
     summary = report.build_summary(results)
     assert summary["best"] == "good_on_val"
@@ -124,7 +137,15 @@ def test_gradcam_examples_are_the_most_confident_per_outcome():
         }
     )
     picked = figures.gradcam_examples(pred, 2)
-    assert list(zip(picked["outcome"], picked["path"])) == [("TP", "f0"), ("TP", "f2"), ("FP", "f3"), ("TN", "f4"), ("TN", "f5"), ("FN", "f7"), ("FN", "f6")]
+    assert list(zip(picked["outcome"], picked["path"])) == [
+        ("TP", "f0"),
+        ("TP", "f2"),
+        ("FP", "f3"),
+        ("TN", "f4"),
+        ("TN", "f5"),
+        ("FN", "f7"),
+        ("FN", "f6"),
+    ]
     assert figures.gradcam_examples(pred.iloc[::-1], 2)["path"].tolist() == picked["path"].tolist()
 
 
@@ -158,7 +179,11 @@ def test_html_is_self_contained_and_escaped(tmp_path):
     drawn, notes = figures.make_figures(results, {}, tmp_path)
     assert {p.name for p in drawn.values()} == {"roc_all.png", "comparison.png", "confusion_matrices.png"}
     assert notes and "training curves" in notes[0]
-    page = report.render_html(report.ReportInputs(summary, results, AUDIT, "patient_grouped", 0.1, drawn, notes + ["<i>note</i>"], "abc1234", report.machine()))
+    page = report.render_html(
+        report.ReportInputs(
+            summary, results, AUDIT, "patient_grouped", 0.1, drawn, notes + ["<i>note</i>"], "abc1234", report.machine()
+        )
+    )
     _check_page(page)
     assert "a&lt;b&gt;" in page and "a<b>" not in page and "&lt;i&gt;note" in page
     assert "abc1234" in page and f"{os.cpu_count()} CPU cores" in page
@@ -171,7 +196,17 @@ def test_html_is_self_contained_and_escaped(tmp_path):
 def test_html_without_audit_says_so(tmp_path):
     results = {"a": fake_result("a", 0.9, 0.5)}
     page = report.render_html(
-        report.ReportInputs(report.build_summary(results), results, report.read_audit(tmp_path / "no.json"), "seed", 0.1, {}, [], "unknown", "m")
+        report.ReportInputs(
+            report.build_summary(results),
+            results,
+            report.read_audit(tmp_path / "no.json"),
+            "seed",
+            0.1,
+            {},
+            [],
+            "unknown",
+            "m",
+        )
     )
     assert "No data audit found" in page and "seed notebook" in page
     assert "62.5% pneumonia vs 74.0% in training" in page and "published figures" in page
@@ -180,11 +215,25 @@ def test_html_without_audit_says_so(tmp_path):
 def test_page_escapes_every_value(tmp_path):
     evil = "<script>alert(1)</script>"
     results = {evil: fake_result(evil, 0.9, 0.5)}
-    audit = {"counts": {evil: {"images": evil, "by_label": {"NORMAL": 1}}}, "duplicates": {"groups": 1, "groups_across_train_test": evil}}
+    audit = {
+        "counts": {evil: {"images": evil, "by_label": {"NORMAL": 1}}},
+        "duplicates": {"groups": 1, "groups_across_train_test": evil},
+    }
     png = tmp_path / "f.png"
     png.write_bytes(b"\x89PNG not really")
     page = report.render_html(
-        report.ReportInputs(report.build_summary(results), results, audit, evil, 0.1, {f"it's {evil}": png}, [evil], evil, evil, source=evil)
+        report.ReportInputs(
+            report.build_summary(results),
+            results,
+            audit,
+            evil,
+            0.1,
+            {f"it's {evil}": png},
+            [evil],
+            evil,
+            evil,
+            source=evil,
+        )
     )
     assert "<script" not in page  # name, note, audit cells, strategy, commit, machine, caption
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 10
@@ -193,7 +242,9 @@ def test_page_escapes_every_value(tmp_path):
 
 def test_series_table_is_specificity_per_normal_series():
     results = {"a": fake_result("a", 0.9, 0.2), "b": fake_result("b", 0.8, 0.1, seed=3)}
-    page = report.render_html(report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m"))
+    page = report.render_html(
+        report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m")
+    )
     table = re.search(r"<table class=series>(.*?)</table>", page, re.DOTALL)[1]
     assert re.findall(r"<th>([^<]*)</th>", table) == ["variant", "IM", "NORMAL2-IM"]
     for name, r in results.items():
@@ -210,13 +261,22 @@ def test_series_table_is_specificity_per_normal_series():
 
 def test_validation_series_table_comes_from_the_evaluate_metrics():
     results = {"a": fake_result("a", 0.9, 0.2), "b": fake_result("b", 0.8, 0.1, seed=3)}
-    results["a"].metrics["val_specificity_by_series"] = {"IM": {"n": 40, "specificity": 0.975}, "NORMAL2-IM": {"n": 90, "specificity": 0.9}}
-    page = report.render_html(report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m"))
+    results["a"].metrics["val_specificity_by_series"] = {
+        "IM": {"n": 40, "specificity": 0.975},
+        "NORMAL2-IM": {"n": 90, "specificity": 0.9},
+    }
+    page = report.render_html(
+        report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m")
+    )
     table = re.search(r"<table class=series-val>(.*?)</table>", page, re.DOTALL)[1]
-    assert "<tr><td>a</td><td>0.975 <span class=ci>n=40</span></td><td>0.900 <span class=ci>n=90</span></td></tr>" in table
+    assert (
+        "<tr><td>a</td><td>0.975 <span class=ci>n=40</span></td><td>0.900 <span class=ci>n=90</span></td></tr>" in table
+    )
     assert "<td>b</td>" not in table  # no validation figures: no row
     del results["a"].metrics["val_specificity_by_series"]
-    assert "series-val" not in report.render_html(report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m"))
+    assert "series-val" not in report.render_html(
+        report.ReportInputs(report.build_summary(results), results, AUDIT, "seed", 0.1, {}, [], "c", "m")
+    )
 
 
 def write_result(root: Path, r: report.VariantResult) -> None:
@@ -271,7 +331,14 @@ PARAMS = {
     "transfer": {"backbone": "mobilenet_v2", "alpha": 0.35, "weights": "none"},
     "variants": {
         # "dense": params.yaml refuses the seed's cnn below 46 px; the model files themselves are tiny conv nets
-        name: {"model": "dense", "image_size": 8, "epochs": 1, "batch_size": 8, "optimizer": "rmsprop", "learning_rate": 0.001}
+        name: {
+            "model": "dense",
+            "image_size": 8,
+            "epochs": 1,
+            "batch_size": 8,
+            "optimizer": "rmsprop",
+            "learning_rate": 0.001,
+        }
         for name in ("alpha", "beta")
     },
     "evaluate": {"bootstrap_samples": 40, "calibration_bins": 5},
@@ -315,7 +382,9 @@ def make_project(root: Path) -> None:
     x = np.clip(rng.normal(95, 25, (48, 8, 8, 1)) + offset, 0, 255).astype(np.uint8)
     rows = pd.DataFrame(
         {
-            "path": [f"data/raw/chest_xray/test/{'PNEUMONIA' if t else 'NORMAL'}/im{i:03d}.jpeg" for i, t in enumerate(y)],
+            "path": [
+                f"data/raw/chest_xray/test/{'PNEUMONIA' if t else 'NORMAL'}/im{i:03d}.jpeg" for i, t in enumerate(y)
+            ],
             "label": np.where(y, "PNEUMONIA", "NORMAL"),
             "subtype": subtypes,
             "patient_id": [f"pt{i // 2}" for i in range(48)],
@@ -327,7 +396,10 @@ def make_project(root: Path) -> None:
     # validation: the same images under validation names (IM-… and NORMAL2-IM-… normals, for the series table)
     val_rows = rows.assign(
         split="val",
-        path=[f"data/raw/chest_xray/train/{p.split('/')[-2]}/{'NORMAL2-IM' if i % 3 else 'IM'}-{i:04d}-0001.jpeg" for i, p in enumerate(rows["path"])],
+        path=[
+            f"data/raw/chest_xray/train/{p.split('/')[-2]}/{'NORMAL2-IM' if i % 3 else 'IM'}-{i:04d}-0001.jpeg"
+            for i, p in enumerate(rows["path"])
+        ],
     )
     write_split(root / "data" / "processed" / "8", "val", x, val_rows)
     for name in ("alpha", "beta"):
@@ -379,7 +451,10 @@ def test_evaluate_and_report_stages(project, monkeypatch):
     assert done.returncode == 0, done.stderr[-2000:]
     assert run_in_process(project, monkeypatch, str(ROOT / "stages" / "evaluate.py"), "beta") == 0
     m = json.loads((project / "metrics" / "alpha.json").read_text())
-    assert set(m["val_specificity_by_series"]) == {"IM", "NORMAL2-IM"} and sum(v["n"] for v in m["val_specificity_by_series"].values()) == 18
+    assert (
+        set(m["val_specificity_by_series"]) == {"IM", "NORMAL2-IM"}
+        and sum(v["n"] for v in m["val_specificity_by_series"].values()) == 18
+    )
     assert m["n_test"] == 48 and m["n_patients_test"] == 24 and m["threshold"] == 0.5 and m["val_roc_auc"] == 0.70
     assert m["roc_auc"] > 0.8  # brighter = pneumonia, as built
     assert m["ci95"]["roc_auc"][0] <= m["roc_auc"] <= m["ci95"]["roc_auc"][1]

@@ -97,7 +97,9 @@ def test_a_stale_or_broken_export_is_a_clear_error(exported, tmp_path):
         (folder / f"probe{suffix}").write_bytes(exported.with_name(f"probe{suffix}").read_bytes())
     path = folder / "probe.keras"
     save_model(probe_model(seed=3), path, sidecar())  # retrained, export not rerun
-    with pytest.raises(CxrError, match=r"probe.tflite: exported from another probe.keras .*stale export.*dvc repro export@probe"):
+    with pytest.raises(
+        CxrError, match=r"probe.tflite: exported from another probe.keras .*stale export.*dvc repro export@probe"
+    ):
         load_model(path, runtime="litert")
     save_model(probe_model(), path, sidecar())
     (folder / "probe.tflite.json").write_text("{")
@@ -111,7 +113,10 @@ def test_export_refuses_a_model_it_cannot_reproduce(exported, monkeypatch):
     loaded = load_model(exported, runtime="keras")
     real = cxr.serving.export.keras_outputs
     monkeypatch.setattr(cxr.serving.export, "keras_outputs", lambda m, x: (real(m, x)[0] + 1e-3, real(m, x)[1]))
-    with pytest.raises(CxrError, match=r"the LiteRT export differs from Keras \(max \|dp\| 1.00e-03, \d+ class disagreements on 8 images\); nothing written"):
+    with pytest.raises(
+        CxrError,
+        match=r"the LiteRT export differs from Keras \(max \|dp\| 1.00e-03, \d+ class disagreements on 8 images\); nothing written",
+    ):
         export_litert(loaded, images(8))
 
 
@@ -123,13 +128,27 @@ def test_cxr_predict_with_the_export_never_imports_tensorflow(exported, tmp_path
         "import sys, json; from cxr.serving.cli import cli; status = cli(['predict', sys.argv[1], '--model', sys.argv[2], '--format', 'json']);"
         "print(json.dumps({'status': status, 'tf': [m for m in ('tensorflow', 'keras') if m in sys.modules]}), file=sys.stderr)"
     )
-    done = subprocess.run([sys.executable, "-c", code, str(image), str(exported)], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(image), str(exported)], capture_output=True, text=True, check=True
+    )
     assert json.loads(done.stderr.strip().splitlines()[-1]) == {"status": 0, "tf": []}
     row = json.loads(done.stdout)[0]
     ref = predict_files([image], load_model(exported, runtime="keras"))[0]
     assert row["label"] == ref.label and abs(row["probability"] - ref.probability) <= 1e-4
     keras_run = subprocess.run(
-        [sys.executable, "-m", "cxr.serving.cli", "predict", str(image), "--model", str(exported), "--runtime", "keras", "--format", "json"],
+        [
+            sys.executable,
+            "-m",
+            "cxr.serving.cli",
+            "predict",
+            str(image),
+            "--model",
+            str(exported),
+            "--runtime",
+            "keras",
+            "--format",
+            "json",
+        ],
         capture_output=True,
         text=True,
         check=True,

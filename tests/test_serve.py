@@ -56,7 +56,9 @@ def png_claiming(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (8, 8)).save(buf, format="PNG")
     data = bytearray(buf.getvalue())
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR follows the 8-byte signature and 8-byte chunk head
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(
+        4, "big"
+    )  # IHDR follows the 8-byte signature and 8-byte chunk head
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
     return bytes(data)
 
@@ -167,16 +169,43 @@ def test_different_images_get_different_answers(url, model_path, tmp_path):
 def bad_requests(tmp_path: Path) -> list[tuple[str, dict, int, str]]:
     """(case, post_file kwargs, status, words in the detail)."""
     good = jpeg_bytes()
-    no_pixels = write_dicom(tmp_path / "sr.dcm", xray(0), SOPClassUID=BASIC_TEXT_SR, Modality="SR", PixelData=None).read_bytes()
+    no_pixels = write_dicom(
+        tmp_path / "sr.dcm", xray(0), SOPClassUID=BASIC_TEXT_SR, Modality="SR", PixelData=None
+    ).read_bytes()
     return [
         ("no file", {"filename": None, "data": None}, 422, "no file"),
         ("another field", {"filename": "a.jpeg", "data": good, "field": "image"}, 422, "no file"),
         ("empty file", {"filename": "empty.jpeg", "data": b""}, 422, "empty file"),
-        ("not an image", {"filename": "notes.txt", "data": b"just some text\n" * 50}, 415, "notes.txt: cannot decode image"),
-        ("text named .jpeg", {"filename": "fake.jpeg", "data": b"\x00\x01garbage" * 100}, 415, "fake.jpeg: cannot decode image"),
-        ("truncated JPEG", {"filename": "cut.jpeg", "data": good[: len(good) // 2]}, 415, "cut.jpeg: cannot decode image"),
-        ("over MAX_PIXELS", {"filename": "bomb.png", "data": png_claiming(10_000, 6_000)}, 415, "over 50,000,000 pixels"),
-        ("Pillow's bomb guard", {"filename": "bomb2.png", "data": png_claiming(40_000, 40_000)}, 415, "decompression-bomb guard"),
+        (
+            "not an image",
+            {"filename": "notes.txt", "data": b"just some text\n" * 50},
+            415,
+            "notes.txt: cannot decode image",
+        ),
+        (
+            "text named .jpeg",
+            {"filename": "fake.jpeg", "data": b"\x00\x01garbage" * 100},
+            415,
+            "fake.jpeg: cannot decode image",
+        ),
+        (
+            "truncated JPEG",
+            {"filename": "cut.jpeg", "data": good[: len(good) // 2]},
+            415,
+            "cut.jpeg: cannot decode image",
+        ),
+        (
+            "over MAX_PIXELS",
+            {"filename": "bomb.png", "data": png_claiming(10_000, 6_000)},
+            415,
+            "over 50,000,000 pixels",
+        ),
+        (
+            "Pillow's bomb guard",
+            {"filename": "bomb2.png", "data": png_claiming(40_000, 40_000)},
+            415,
+            "decompression-bomb guard",
+        ),
         ("DICOM without pixels", {"filename": "sr.dcm", "data": no_pixels}, 415, "not an image"),
         (
             "just over the limit",
@@ -184,7 +213,12 @@ def bad_requests(tmp_path: Path) -> list[tuple[str, dict, int, str]]:
             413,
             "big.jpeg: over the upload limit of 1,000,000 bytes",
         ),
-        ("far over the limit", {"filename": "huge.jpeg", "data": b"\x00" * (3 * LIMIT)}, 413, "over the upload limit of 1,000,000 bytes"),
+        (
+            "far over the limit",
+            {"filename": "huge.jpeg", "data": b"\x00" * (3 * LIMIT)},
+            413,
+            "over the upload limit of 1,000,000 bytes",
+        ),
     ]
 
 
@@ -205,10 +239,14 @@ def test_a_chunked_body_over_the_limit_gets_413(url):
     """No Content-Length to check: the middleware counts the body as it arrives."""
     head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="c.jpeg"\r\n\r\n'
     chunks = [head] + [b"\0" * 100_000] * 30 + [b"\r\n--b--\r\n"]
-    request = urllib.request.Request(url + "/predict", data=iter(chunks), method="POST", headers={"Content-Type": "multipart/form-data; boundary=b"})
+    request = urllib.request.Request(
+        url + "/predict", data=iter(chunks), method="POST", headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(request, timeout=30)
-    assert info.value.code == 413 and json.loads(info.value.read())["detail"].startswith("request body over the upload limit")  # the middleware, not the copy
+    assert info.value.code == 413 and json.loads(info.value.read())["detail"].startswith(
+        "request body over the upload limit"
+    )  # the middleware, not the copy
     assert_serving(url)
 
 
@@ -260,7 +298,13 @@ def test_cli_serve_options():
     parser = build_parser()
     args = parser.parse_args(["serve"])
     assert (args.host, args.port, args.max_upload_mb) == ("127.0.0.1", 8000, 64.0)
-    for bad in (["--port", "0"], ["--port", "70000"], ["--max-upload-mb", "-1"], ["--max-upload-mb", "nan"], ["--model", "m.keras", "--variant", "v"]):
+    for bad in (
+        ["--port", "0"],
+        ["--port", "70000"],
+        ["--max-upload-mb", "-1"],
+        ["--max-upload-mb", "nan"],
+        ["--model", "m.keras", "--variant", "v"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *bad])
 
@@ -296,7 +340,9 @@ def test_cxr_serve_command_binds_loopback(model_path, good_file):
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0].decode()
-    assert f"Uvicorn running on http://127.0.0.1:{port}" in out and "model probe (sha256" in out  # bound to loopback only
+    assert (
+        f"Uvicorn running on http://127.0.0.1:{port}" in out and "model probe (sha256" in out
+    )  # bound to loopback only
 
 
 @pytest.mark.slow

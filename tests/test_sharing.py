@@ -80,7 +80,9 @@ def shared_bytes(pusher: Path) -> dict[str, str]:
     """What a teammate must get back: every file of every cached output, hashed."""
     outs = cached_outputs(pusher)
     for must in MUST_SHARE:
-        assert any(out == must or out.startswith(must + "/") for out in outs), f"{must} is not a DVC-cached output: {outs}"
+        assert any(out == must or out.startswith(must + "/") for out in outs), (
+            f"{must} is not a DVC-cached output: {outs}"
+        )
     hashes = file_hashes(pusher, outs)
     assert any(p.startswith("data/raw/") and p.endswith(".jpeg") for p in hashes)
     assert any(p.startswith("models/") and p.endswith(".keras") for p in hashes)
@@ -203,7 +205,9 @@ def test_push_killed_part_way_then_run_again_loses_nothing(tiny_pipeline, tmp_pa
             while (stats := s3.stats()).held == 0:
                 if push.poll() is not None:
                     log.seek(0)
-                    pytest.fail(f"dvc push ended ({push.returncode}) before it could be interrupted ({stats}):\n{log.read()[-2000:]}")
+                    pytest.fail(
+                        f"dvc push ended ({push.returncode}) before it could be interrupted ({stats}):\n{log.read()[-2000:]}"
+                    )
                 if time.monotonic() > deadline:
                     pytest.fail(f"dvc push made no progress to interrupt within {PUSH_TIMEOUT_S}s ({stats})")
                 time.sleep(0.1)

@@ -85,7 +85,9 @@ def test_folds_on_real_data_are_patient_disjoint_and_balanced(runs, strategy):
     assert (in_folds.groupby("patient_id").fold.nunique() == 1).all()
     assert (in_folds.groupby("sha256").fold.nunique() == 1).all()
     overall = (in_folds.label == "PNEUMONIA").mean()
-    per_fold = in_folds.groupby("fold").agg(images=("path", "size"), pneumonia=("label", lambda s: (s == "PNEUMONIA").mean()))
+    per_fold = in_folds.groupby("fold").agg(
+        images=("path", "size"), pneumonia=("label", lambda s: (s == "PNEUMONIA").mean())
+    )
     assert (per_fold.pneumonia - overall).abs().max() < 0.03, per_fold
     assert per_fold.images.max() < 1.15 * per_fold.images.min(), per_fold
     assert {int(k): v["images"] for k, v in audit["fold_counts"].items()} == per_fold.images.to_dict()

@@ -31,7 +31,9 @@ class DiskFullError(CxrError):
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        super().__init__(f"{path}: no space left on device while writing it; free disk space on that drive (df -h) and run again")
+        super().__init__(
+            f"{path}: no space left on device while writing it; free disk space on that drive (df -h) and run again"
+        )
 
 
 def _publish_mode(path: Path) -> None:

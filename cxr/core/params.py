@@ -167,7 +167,9 @@ class VariantParams(_Traced):
     def backbone(self, transfer: TransferParams) -> TransferParams:
         """The backbone settings this variant really uses: its own `backbone`/`alpha` (modern) or `transfer`'s."""
         if "backbone" in MODEL_EXTRAS.get(self.model, {}):
-            return TransferParams(backbone=self.option("backbone"), alpha=self.option("alpha"), weights=transfer.weights)
+            return TransferParams(
+                backbone=self.option("backbone"), alpha=self.option("alpha"), weights=transfer.weights
+            )
         return transfer
 
     def effective_epochs(self, train: TrainParams) -> int:
@@ -280,7 +282,9 @@ def _section(raw: dict[str, Any], name: str, required: bool = True) -> dict[str,
 
 
 def _type_name(kind: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        kind, getattr(kind, "__name__", str(kind))
+    )
 
 
 def _check_type(value: Any, kind: Any, key: str) -> None:
@@ -307,7 +311,9 @@ def _build(cls: type, section: str, values: dict[str, Any], **fixed: Any) -> Any
     known = set(cls.__dataclass_fields__) - set(fixed)
     unknown = set(values) - known
     if unknown:
-        raise CxrError(f"params.yaml {section}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        raise CxrError(
+            f"params.yaml {section}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}"
+        )
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in values:
@@ -315,7 +321,11 @@ def _build(cls: type, section: str, values: dict[str, Any], **fixed: Any) -> Any
     try:
         return cls(**values, **fixed)
     except TypeError as exc:  # a required key is missing
-        missing = [f for f in known if f not in values and cls.__dataclass_fields__[f].default is cls.__dataclass_fields__[f].default_factory]
+        missing = [
+            f
+            for f in known
+            if f not in values and cls.__dataclass_fields__[f].default is cls.__dataclass_fields__[f].default_factory
+        ]
         raise CxrError(f"params.yaml {section}: missing key(s) {', '.join(sorted(missing)) or exc}") from None
 
 
@@ -329,14 +339,20 @@ def _choice(value: Any, key: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive_int(value: Any, key: str) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, key, f"must be a positive integer, got {value!r}")
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        key,
+        f"must be a positive integer, got {value!r}",
+    )
 
 
 def _number_in(value: Any, key: str, low: float, high: float, closed: str = "[)") -> None:
     """A number (not a bool) in the interval `low`..`high`; `closed` says which ends belong to it."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok:
-        ok = (low <= value if closed[0] == "[" else low < value) and (value <= high if closed[1] == "]" else value < high)
+        ok = (low <= value if closed[0] == "[" else low < value) and (
+            value <= high if closed[1] == "]" else value < high
+        )
     _check(ok, key, f"must be a number in {closed[0]}{low:g}, {high:g}{closed[1]}, got {value!r}")
 
 
@@ -353,7 +369,9 @@ def parse_threshold_rule(rule: Any) -> tuple[str, float | None]:
             target = -1.0
         if 0 < target <= 1:
             return "sensitivity", target
-    raise CxrError(f"params.yaml train.threshold_rule: '{rule}' is not one of {', '.join(THRESHOLD_RULES)} (target in (0, 1], e.g. sensitivity:0.97)")
+    raise CxrError(
+        f"params.yaml train.threshold_rule: '{rule}' is not one of {', '.join(THRESHOLD_RULES)} (target in (0, 1], e.g. sensitivity:0.97)"
+    )
 
 
 def _check_extras(v: VariantParams, key: str) -> None:
@@ -385,17 +403,33 @@ def parse(raw: dict[str, Any]) -> Params:
         raise CxrError("params.yaml must be a mapping of sections (base, fetch, split, ...)")
     base = _section(raw, "base")
     seed = base.get("seed")
-    _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "base.seed", f"must be a non-negative integer, got {seed!r}")
+    _check(
+        isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
+        "base.seed",
+        f"must be a non-negative integer, got {seed!r}",
+    )
 
     fetch = _build(FetchParams, "fetch", _section(raw, "fetch"))
-    _check(isinstance(fetch.source, str) and fetch.source.strip() != "", "fetch.source", "must name a URL, zip file or folder")
+    _check(
+        isinstance(fetch.source, str) and fetch.source.strip() != "",
+        "fetch.source",
+        "must name a URL, zip file or folder",
+    )
     _check(fetch.max_uncompressed_mb > 0, "fetch.max_uncompressed_mb", "must be positive")
     _check(fetch.timeout_s > 0, "fetch.timeout_s", "must be positive")
 
     split = _build(SplitParams, "split", _section(raw, "split"))
     _choice(split.strategy, "split.strategy", SPLIT_STRATEGIES)
-    _check(0 < split.val_fraction < 1, "split.val_fraction", f"must be between 0 and 1 (exclusive), got {split.val_fraction!r}")
-    _check(split.folds == 0 or split.folds >= 2, "split.folds", f"must be 0 (no folds) or an integer of at least 2, got {split.folds!r}")
+    _check(
+        0 < split.val_fraction < 1,
+        "split.val_fraction",
+        f"must be between 0 and 1 (exclusive), got {split.val_fraction!r}",
+    )
+    _check(
+        split.folds == 0 or split.folds >= 2,
+        "split.folds",
+        f"must be 0 (no folds) or an integer of at least 2, got {split.folds!r}",
+    )
 
     pre = _build(PreprocessParams, "preprocess", _section(raw, "preprocess"))
     _choice(pre.resize, "preprocess.resize", RESIZE_MODES)
@@ -422,7 +456,9 @@ def parse(raw: dict[str, Any]) -> Params:
         extra = {k: v for k, v in values.items() if k not in fields}
         allowed = set(MODEL_EXTRAS.get(values.get("model"), {}))
         if set(extra) - allowed:
-            raise CxrError(f"params.yaml {key}: unknown key(s) {', '.join(sorted(set(extra) - allowed))}; known: {', '.join(sorted(fields | allowed))}")
+            raise CxrError(
+                f"params.yaml {key}: unknown key(s) {', '.join(sorted(set(extra) - allowed))}; known: {', '.join(sorted(fields | allowed))}"
+            )
         v = _build(VariantParams, key, known, name=name, extra=extra)
         _choice(v.model, f"{key}.model", MODELS)
         _positive_int(v.image_size, f"{key}.image_size")
@@ -435,13 +471,25 @@ def parse(raw: dict[str, Any]) -> Params:
         _check(v.shared in raw, f"{key}.shared", f"names no params section '{v.shared}'")
         _check_extras(v, key)
         if v.image_size < MIN_MODEL_SIZE.get(v.model, 1):
-            _check(False, f"{key}.image_size", f"{v.image_size} px is too small for model {v.model}; use at least {MIN_MODEL_SIZE[v.model]}")
+            _check(
+                False,
+                f"{key}.image_size",
+                f"{v.image_size} px is too small for model {v.model}; use at least {MIN_MODEL_SIZE[v.model]}",
+            )
         if v.model in BACKBONE_MODELS:
             backbone = v.backbone(transfer).backbone
             minimum = MIN_BACKBONE_SIZE[backbone]
-            _check(v.image_size >= minimum, f"{key}.image_size", f"{v.image_size} px is too small for backbone {backbone}; use at least {minimum}")
+            _check(
+                v.image_size >= minimum,
+                f"{key}.image_size",
+                f"{v.image_size} px is too small for backbone {backbone}; use at least {minimum}",
+            )
         if v.model == "transfer_finetuned":
-            _check(v.starts_from_model, f"{key}.init_from", "must name the trained transfer_frozen model (models/<name>.keras)")
+            _check(
+                v.starts_from_model,
+                f"{key}.init_from",
+                "must name the trained transfer_frozen model (models/<name>.keras)",
+            )
         variants[name] = v
 
     evaluate = _build(EvaluateParams, "evaluate", _section(raw, "evaluate"))
@@ -451,10 +499,16 @@ def parse(raw: dict[str, Any]) -> Params:
     _choice(report.select_by, "report.select_by", SELECT_BY)
     cv = _build(CvParams, "cv", _section(raw, "cv", required=False))
     _check(
-        isinstance(cv.variants, list) and all(v in variants for v in cv.variants), "cv.variants", f"must be a list of names under variants, got {cv.variants!r}"
+        isinstance(cv.variants, list) and all(v in variants for v in cv.variants),
+        "cv.variants",
+        f"must be a list of names under variants, got {cv.variants!r}",
     )
     for name in cv.variants:
-        _check(not variants[name].starts_from_model, "cv.variants", f"{name} starts from another trained model (init_from); fold models must start fresh")
+        _check(
+            not variants[name].starts_from_model,
+            "cv.variants",
+            f"{name} starts from another trained model (init_from); fold models must start fresh",
+        )
     if cv.variants:
         _check(split.folds >= 2, "split.folds", f"cv.variants needs folds (split.folds ≥ 2), got {split.folds}")
         _check(

@@ -76,7 +76,9 @@ def check_names(names: Iterable[str], display: str) -> None:
     for name in names:
         parts = re.split(r"[\\/]", name)
         if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
-            raise CxrError(f"{display}: member '{name}' has an absolute or '..' path (zip-slip); refusing the archive, get it from its original source")
+            raise CxrError(
+                f"{display}: member '{name}' has an absolute or '..' path (zip-slip); refusing the archive, get it from its original source"
+            )
 
 
 def find_root(names: Iterable[str], display: str) -> str:
@@ -93,7 +95,9 @@ def find_root(names: Iterable[str], display: str) -> str:
                 if i + 2 < len(parts):
                     found.add(parts[i + 1])
     if not splits:
-        raise CxrError(f"{display}: no '{ROOT_NAME}' folder in it; point fetch.source at the Mendeley chest X-ray archive (or the Kaggle copy)")
+        raise CxrError(
+            f"{display}: no '{ROOT_NAME}' folder in it; point fetch.source at the Mendeley chest X-ray archive (or the Kaggle copy)"
+        )
     complete = [p for p, s in splits.items() if set(OFFICIAL_SPLITS) <= s]
     if not complete:
         shallowest = min(splits, key=lambda p: (p.count("/"), p))
@@ -102,7 +106,9 @@ def find_root(names: Iterable[str], display: str) -> str:
     depth = min(p.count("/") for p in complete)
     best = sorted(p for p in complete if p.count("/") == depth)
     if len(best) > 1:
-        raise CxrError(f"{display}: several '{ROOT_NAME}' folders at the same depth ({', '.join(best)}); point fetch.source at one of them")
+        raise CxrError(
+            f"{display}: several '{ROOT_NAME}' folders at the same depth ({', '.join(best)}); point fetch.source at one of them"
+        )
     return best[0]
 
 
@@ -127,10 +133,14 @@ def select(names: Iterable[str], root: str, display: str) -> tuple[list[Pick], d
         picks.append(Pick(name, f"{ROOT_NAME}/{parts[0]}/{parts[1]}/{file}"))
     for split in OFFICIAL_SPLITS:
         if not any(counts[f"{split}/{c}"] for c in CLASSES):
-            raise CxrError(f"{display}: {root}{split}/ holds no images (empty split); the archive is incomplete, fetch it again")
+            raise CxrError(
+                f"{display}: {root}{split}/ holds no images (empty split); the archive is incomplete, fetch it again"
+            )
         for cls in CLASSES:
             if not counts[f"{split}/{cls}"]:
-                raise CxrError(f"{display}: {root}{split}/{cls}/ is missing or holds no images; the archive is incomplete, fetch it again")
+                raise CxrError(
+                    f"{display}: {root}{split}/{cls}/ is missing or holds no images; the archive is incomplete, fetch it again"
+                )
     return picks, counts
 
 
@@ -161,7 +171,9 @@ def copy_capped(src: BinaryIO, dst: BinaryIO, budget: int) -> tuple[str, int]:
     return digest.hexdigest(), n
 
 
-def _write_all(picks: list[Pick], opener: Callable[[Pick], BinaryIO], dest: Path, cap: int, display: str, progress: bool) -> list[tuple[str, str, int]]:
+def _write_all(
+    picks: list[Pick], opener: Callable[[Pick], BinaryIO], dest: Path, cap: int, display: str, progress: bool
+) -> list[tuple[str, str, int]]:
     """Write every pick under a temporary sibling of dest plus sha256.csv, then swap it in."""
     rows: list[tuple[str, str, int]] = []
     left = cap
@@ -223,7 +235,11 @@ def not_zip(display: str, head: bytes, content_type: str = "") -> CxrError:
     """Tell a truncated zip (it starts like one) from something that is no zip at all."""
     if head.startswith(b"PK\x03\x04"):
         return CxrError(f"{display}: the zip archive is truncated (no end of central directory); download it again")
-    got = f" (got {content_type.split(';')[0]}, starting {head[:8]!r})" if content_type else f" (it starts with {head[:8]!r})"
+    got = (
+        f" (got {content_type.split(';')[0]}, starting {head[:8]!r})"
+        if content_type
+        else f" (it starts with {head[:8]!r})"
+    )
     return CxrError(f"{display} is not a zip archive{got}; check fetch.source")
 
 
@@ -247,7 +263,9 @@ def check_members(infos: list[zipfile.ZipInfo], display: str) -> None:
     check_names((i.filename for i in infos), display)
     for info in infos:
         if stat.S_ISLNK(info.external_attr >> 16):
-            raise CxrError(f"{display}: member '{info.filename}' is a symbolic link; refusing the archive, get it from its original source")
+            raise CxrError(
+                f"{display}: member '{info.filename}' is a symbolic link; refusing the archive, get it from its original source"
+            )
 
 
 def central_directory_bytes(infos: list[zipfile.ZipInfo]) -> int:
@@ -291,7 +309,14 @@ def coalesce(spans: list[tuple[int, int]], slack: float = GAP_SLACK) -> list[tup
     return merged
 
 
-def extract_zip(zf: zipfile.ZipFile, display: str, dest: Path, cap: int, progress: bool, plan: Callable[[list[tuple[int, int]]], None] | None = None) -> Kept:
+def extract_zip(
+    zf: zipfile.ZipFile,
+    display: str,
+    dest: Path,
+    cap: int,
+    progress: bool,
+    plan: Callable[[list[tuple[int, int]]], None] | None = None,
+) -> Kept:
     """Check the archive's listing, then write the chest_xray images in archive order; `plan`
     (a ranged reader's) first hears the byte ranges that will be read."""
     infos = zf.infolist()

@@ -84,7 +84,9 @@ def fold_split(data: CachedSplit, fold: int) -> tuple[CachedSplit, CachedSplit]:
     """(the other folds, fold `fold`): what a fold model trains on and what it is validated on."""
     folds = data.rows["fold"].astype(int).to_numpy()
     if not np.any(folds == fold):
-        raise CxrError(f"no cached image is in fold {fold} (folds present: {sorted(set(folds.tolist()))}); check cv.folds against split.folds")
+        raise CxrError(
+            f"no cached image is in fold {fold} (folds present: {sorted(set(folds.tolist()))}); check cv.folds against split.folds"
+        )
     parts = []
     for keep in (folds != fold, folds == fold):
         rows = data.rows[keep].reset_index(drop=True)

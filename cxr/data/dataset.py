@@ -35,7 +35,11 @@ SEED_PROTOCOL_PNEUMONIA = 16  # half bacterial, half viral
 
 _PATTERNS = [
     # Kaggle/v2
-    (re.compile(r"^person(\d+)_(bacteria|virus)_\d+(?:_\d+)*$", re.I), lambda m: f"person{int(m[1])}", lambda m: m[2].lower()),
+    (
+        re.compile(r"^person(\d+)_(bacteria|virus)_\d+(?:_\d+)*$", re.I),
+        lambda m: f"person{int(m[1])}",
+        lambda m: m[2].lower(),
+    ),
     (re.compile(r"^(NORMAL2-IM|IM)-(\d+)-\d+(?:-\d+)*$", re.I), lambda m: f"{m[1].upper()}-{m[2]}", lambda m: "normal"),
     # Mendeley v3
     (re.compile(r"^(NORMAL|BACTERIA|VIRUS)-(\d+)-\d+(?:-\d+)*$", re.I), lambda m: m[2], lambda m: m[1].lower()),
@@ -86,7 +90,9 @@ def scan(raw_root: Path | str, rel_to: Path | str = ".") -> pd.DataFrame:
         for label in CLASSES:
             folder = raw_root / split / label
             if not folder.is_dir():
-                raise CxrError(f"{folder} is missing; the archive needs {{train,test}}/{{NORMAL,PNEUMONIA}} (rerun `dvc repro fetch`)")
+                raise CxrError(
+                    f"{folder} is missing; the archive needs {{train,test}}/{{NORMAL,PNEUMONIA}} (rerun `dvc repro fetch`)"
+                )
             for f in sorted(folder.iterdir()):
                 if f.is_file() and not f.name.startswith("."):
                     p = parse_name(f.name)
@@ -174,7 +180,11 @@ def seed_protocol_split(test: pd.DataFrame, seed: int) -> pd.Series:
     sizes = test.groupby("_group").size()
     rng = np.random.default_rng(seed)
     val_groups: list[str] = []
-    for subtype, n in (("normal", SEED_PROTOCOL_NORMAL), ("bacteria", SEED_PROTOCOL_PNEUMONIA // 2), ("virus", SEED_PROTOCOL_PNEUMONIA // 2)):
+    for subtype, n in (
+        ("normal", SEED_PROTOCOL_NORMAL),
+        ("bacteria", SEED_PROTOCOL_PNEUMONIA // 2),
+        ("virus", SEED_PROTOCOL_PNEUMONIA // 2),
+    ):
         groups = sorted(subtypes.index[subtypes == subtype])
         left = n
         for g in (groups[i] for i in rng.permutation(len(groups))):
@@ -184,7 +194,9 @@ def seed_protocol_split(test: pd.DataFrame, seed: int) -> pd.Series:
                 val_groups.append(g)
                 left -= sizes[g]
         if left:
-            raise CxrError(f"split.strategy=seed needs {n} {subtype} test images from whole patients, found {n - left}; use patient_grouped")
+            raise CxrError(
+                f"split.strategy=seed needs {n} {subtype} test images from whole patients, found {n - left}; use patient_grouped"
+            )
     return pd.Series(np.where(test["_group"].isin(val_groups), "val", "test"), index=test.index)
 
 
@@ -196,7 +208,9 @@ def grouped_folds(train: pd.DataFrame, folds: int, seed: int) -> pd.Series:
         raise ValueError(f"folds must be at least 2, got {folds}")
     groups = _groups(train)
     if len(set(groups)) < folds:
-        raise CxrError(f"split.folds={folds} needs at least {folds} patients in the official train set, found {len(set(groups))}; lower split.folds")
+        raise CxrError(
+            f"split.folds={folds} needs at least {folds} patients in the official train set, found {len(set(groups))}; lower split.folds"
+        )
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold = np.full(len(train), NO_FOLD)
     for k, (_, held_out) in enumerate(cv.split(train, train["label"] + "/" + train["subtype"], groups)):
@@ -204,7 +218,9 @@ def grouped_folds(train: pd.DataFrame, folds: int, seed: int) -> pd.Series:
     return pd.Series(fold, index=train.index)
 
 
-def make_manifest(images: pd.DataFrame, strategy: str, val_fraction: float, seed: int, folds: int = 0) -> tuple[pd.DataFrame, dict]:
+def make_manifest(
+    images: pd.DataFrame, strategy: str, val_fraction: float, seed: int, folds: int = 0
+) -> tuple[pd.DataFrame, dict]:
     """Assign train/val/test, and with `folds` ≥ 2 a cross-validation fold of the official train
     set, to decodable images (columns path,label,subtype,patient_id,split,sha256).
 
@@ -281,12 +297,16 @@ def guarantees(manifest: pd.DataFrame, strategy: str) -> dict:
     }
     if strategy == "seed":
         out["val_patient_ids_in_official_train"] = len(val_ids & ids["train"])
-        out["guaranteed"].append("val holds whole official-test patients: none of them (by the official test numbering) has an image left in test")
+        out["guaranteed"].append(
+            "val holds whole official-test patients: none of them (by the official test numbering) has an image left in test"
+        )
         out["not_guaranteed"].append(
             f"val and train disjoint by child: {out['val_patient_ids_in_official_train']} of val's {len(val_ids)} patient ids also occur in the official train folder"
         )
     else:
-        out["guaranteed"].append("val holds whole official-train patients, none of them in train; test is the official test set, untouched")
+        out["guaranteed"].append(
+            "val holds whole official-train patients, none of them in train; test is the official test set, untouched"
+        )
     return out
 
 
@@ -304,7 +324,9 @@ def check_manifest(manifest: pd.DataFrame) -> None:
     fold = manifest["fold"].astype(int)
     outside = (official_split(manifest) != "train") & (fold != NO_FOLD)
     if outside.any():
-        raise CxrError(f"images outside the official train set have a fold: {manifest.loc[outside, 'path'].tolist()[:5]}")
+        raise CxrError(
+            f"images outside the official train set have a fold: {manifest.loc[outside, 'path'].tolist()[:5]}"
+        )
     for what, unit in (("patients", keys), ("identical images", manifest["sha256"])):
         folds_of = fold.groupby(unit).nunique()
         if (folds_of > 1).any():

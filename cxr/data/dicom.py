@@ -41,7 +41,9 @@ from cxr.data.pixels import ImageError, check_pixels, scale_to_uint8
 MODALITIES = ("CR", "DX")
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")  # pydicom hands all as RGB
-KNOWN_PHOTOMETRIC = frozenset(("PALETTE COLOR", "HSV", "ARGB", "CMYK", "YBR_PARTIAL_422", "YBR_PARTIAL_420"))  # refused, named
+KNOWN_PHOTOMETRIC = frozenset(
+    ("PALETTE COLOR", "HSV", "ARGB", "CMYK", "YBR_PARTIAL_422", "YBR_PARTIAL_420")
+)  # refused, named
 # DICOM's defined Modality terms (PS3.3 C.7.3.1.1.1): only these are ever quoted in a message
 # (the photometric terms likewise), so a header holding something else there cannot leak it.
 KNOWN_MODALITIES = frozenset(
@@ -65,7 +67,9 @@ def read_dicom(f: BinaryIO, path: Path) -> Image.Image:
         except InvalidDicomError:
             raise ImageError(f"{path}: not a DICOM file (no 'DICM' marker at byte 128)") from None
         except Exception as exc:  # pydicom's messages can quote header values: name the kind only
-            raise ImageError(f"{path}: cannot read the DICOM header ({type(exc).__name__}); the file is damaged or not DICOM") from None
+            raise ImageError(
+                f"{path}: cannot read the DICOM header ({type(exc).__name__}); the file is damaged or not DICOM"
+            ) from None
         where = f"{path}{uid_note(ds)}"
         try:
             check_usable(ds, where)
@@ -74,7 +78,9 @@ def read_dicom(f: BinaryIO, path: Path) -> Image.Image:
         except ImageError:
             raise
         except Exception as exc:
-            raise ImageError(f"{where}: cannot decode the DICOM pixel data ({type(exc).__name__}); the file is damaged or unusual") from None
+            raise ImageError(
+                f"{where}: cannot decode the DICOM pixel data ({type(exc).__name__}); the file is damaged or unusual"
+            ) from None
 
 
 def uid_note(ds: Dataset) -> str:
@@ -91,7 +97,13 @@ def check_usable(ds: Dataset, where: str) -> None:
         raise ImageError(f"{where}: not an image{kind}; cxr reads single-frame CR and DX radiographs")
     modality = str(ds.get("Modality", "")).strip()
     if modality not in MODALITIES:
-        what = f"modality {modality}" if modality in KNOWN_MODALITIES else "no Modality" if not modality else "an unknown modality"
+        what = (
+            f"modality {modality}"
+            if modality in KNOWN_MODALITIES
+            else "no Modality"
+            if not modality
+            else "an unknown modality"
+        )
         raise ImageError(f"{where}: {what} is not a chest radiograph; cxr reads {' and '.join(MODALITIES)} only")
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
@@ -99,7 +111,9 @@ def check_usable(ds: Dataset, where: str) -> None:
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in MONOCHROME + COLOUR:
         what = photometric if photometric in KNOWN_PHOTOMETRIC else "missing" if not photometric else "unknown"
-        raise ImageError(f"{where}: photometric interpretation {what} is not supported; use {', '.join(MONOCHROME)} or RGB")
+        raise ImageError(
+            f"{where}: photometric interpretation {what} is not supported; use {', '.join(MONOCHROME)} or RGB"
+        )
     bits = ds.get("BitsAllocated")
     if bits not in (8, 16) or (photometric in COLOUR and bits != 8):
         raise ImageError(f"{where}: {bits}-bit pixels are not supported; cxr reads 8 to 16 bits (colour: 8)")
@@ -111,9 +125,13 @@ def check_usable(ds: Dataset, where: str) -> None:
         decoder = get_decoder(syntax)
     except NotImplementedError:
         named = f" {syntax}" if UID(syntax).is_valid else ""
-        raise ImageError(f"{where}: transfer syntax{named} is not one pydicom decodes; convert the file to an uncompressed one") from None
+        raise ImageError(
+            f"{where}: transfer syntax{named} is not one pydicom decodes; convert the file to an uncompressed one"
+        ) from None
     if not decoder.is_available:
-        raise ImageError(f"{where}: pixel data compressed as {syntax.name} ({syntax}) needs a decoder that is not installed; {install_hint(decoder)}")
+        raise ImageError(
+            f"{where}: pixel data compressed as {syntax.name} ({syntax}) needs a decoder that is not installed; {install_hint(decoder)}"
+        )
 
 
 def install_hint(decoder: Decoder) -> str:

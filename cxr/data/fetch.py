@@ -52,7 +52,9 @@ class FetchReport(Kept):
         )
 
 
-def fetch(source: str, dest: Path | str, max_uncompressed_bytes: int, timeout_s: float = 60.0, progress: bool = True) -> FetchReport:
+def fetch(
+    source: str, dest: Path | str, max_uncompressed_bytes: int, timeout_s: float = 60.0, progress: bool = True
+) -> FetchReport:
     """Fetch `source` into `dest` (written atomically) and report what was transferred."""
     if max_uncompressed_bytes <= 0:
         raise ValueError(f"max_uncompressed_bytes must be positive, got {max_uncompressed_bytes}")
@@ -61,7 +63,10 @@ def fetch(source: str, dest: Path | str, max_uncompressed_bytes: int, timeout_s:
     source = source.strip()
     cap = max_uncompressed_bytes
     if urllib.parse.urlparse(source).scheme.lower() in ("http", "https"):
-        with open_url(source, timeout_s, dest, progress) as remote, open_zip(remote.file, source, remote.content_type) as zf:
+        with (
+            open_url(source, timeout_s, dest, progress) as remote,
+            open_zip(remote.file, source, remote.content_type) as zf,
+        ):
             kept = extract_zip(zf, source, dest, cap, progress, plan=remote.plan)
         report = FetchReport(
             **vars(kept),
@@ -93,9 +98,13 @@ def _local_path(source: str) -> Path:
             raise CxrError(f"fetch.source {source}: file:// URLs must name a local path (file:///abs/path)")
         path = Path(urllib.request.url2pathname(parsed.path))
     elif len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
-        raise CxrError(f"fetch.source {source}: unsupported URL scheme '{parsed.scheme}'; use http(s)://, file://, a zip file or a folder")
+        raise CxrError(
+            f"fetch.source {source}: unsupported URL scheme '{parsed.scheme}'; use http(s)://, file://, a zip file or a folder"
+        )
     else:
         path = Path(source).expanduser()
     if not path.exists():
-        raise CxrError(f"fetch.source {source} does not exist; point it at the archive URL, a .zip file or an extracted folder")
+        raise CxrError(
+            f"fetch.source {source} does not exist; point it at the archive URL, a .zip file or an extracted folder"
+        )
     return path

@@ -61,7 +61,9 @@ def colourfulness(img: Image.Image) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
-def open_image(path: Path | str, draft_size: int | None = None, with_facts: bool = False) -> Image.Image | tuple[Image.Image, ImageFacts]:
+def open_image(
+    path: Path | str, draft_size: int | None = None, with_facts: bool = False
+) -> Image.Image | tuple[Image.Image, ImageFacts]:
     """Decode one file into an 8-bit grayscale ('L') image, upright per its EXIF orientation.
 
     Handles JPEG (grayscale, RGB, CMYK), PNG (palette, RGBA, 16-bit), what else Pillow reads, and

@@ -80,7 +80,9 @@ class Http:
                 raise TransientError(
                     f"{self.url}: no answer within {self.timeout_s:g} s (fetch.timeout_s); check the URL and network, or raise the timeout"
                 ) from None
-            raise TransientError(f"{self.url}: cannot download ({' '.join(str(reason).split()) or type(reason).__name__}); check the URL and network") from None
+            raise TransientError(
+                f"{self.url}: cannot download ({' '.join(str(reason).split()) or type(reason).__name__}); check the URL and network"
+            ) from None
         self.resolved = response.geturl()
         return response
 
@@ -223,7 +225,9 @@ class RangeReader(io.RawIOBase):
         first, last, _ = _content_range(response)
         if response.status != 206 or first != start or last != end - 1:
             response.close()
-            raise CxrError(f"{self.http.url}: the server stopped honouring Range requests (HTTP {response.status} for bytes {start}-{end - 1}); fetch again")
+            raise CxrError(
+                f"{self.http.url}: the server stopped honouring Range requests (HTTP {response.status} for bytes {start}-{end - 1}); fetch again"
+            )
         self._response, self._at, self._end = response, start, end
 
     def _drop(self) -> None:
@@ -283,7 +287,9 @@ def open_url(url: str, timeout_s: float, beside: Path, progress: bool) -> Iterat
     first.close()
     if got != len(tail):
         raise CxrError(f"{url}: the connection dropped while reading the end of the archive; try again")
-    with tqdm(desc="download", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, initial=http.bytes) as bar:
+    with tqdm(
+        desc="download", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, initial=http.bytes
+    ) as bar:
         with RangeReader(http, total, bytes(tail), bar) as reader:
             yield Remote(reader, True, total, content_type, http)
 
@@ -293,13 +299,18 @@ def download(http: Http, response: http.client.HTTPResponse, path: Path, progres
     when the server ignores it, giving up after MAX_FAILURES tries in a row that gain nothing."""
     have, best, failures = 0, 0, 0
     total: int | None = None
-    with open(path, "wb") as fh, tqdm(desc="download", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar:
+    with (
+        open(path, "wb") as fh,
+        tqdm(desc="download", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress) as bar,
+    ):
         while True:
             if response is not None:
                 first, _, resumed_total = _content_range(response)
                 if response.status == 206 and first != have:
                     response.close()
-                    raise CxrError(f"{http.url}: asked to resume at byte {have}, the server answered from byte {first}; fetch again")
+                    raise CxrError(
+                        f"{http.url}: asked to resume at byte {have}, the server answered from byte {first}; fetch again"
+                    )
                 if response.status == 206:
                     total = resumed_total
                 else:  # a full answer: start over
@@ -335,7 +346,9 @@ def _stream(http: Http, response: http.client.HTTPResponse, fh: BinaryIO, bar: t
         while k := http.read(response, view):
             if check_zip:
                 if not bytes(view[: min(k, 8)]).startswith(b"PK"):
-                    raise not_zip(http.url, bytes(view[: min(k, 8)]), response.headers.get("Content-Type", "unknown type"))
+                    raise not_zip(
+                        http.url, bytes(view[: min(k, 8)]), response.headers.get("Content-Type", "unknown type")
+                    )
                 check_zip = False
             fh.write(view[:k])
             bar.update(k)

@@ -25,7 +25,12 @@ from cxr.core.errors import CxrError
 from cxr.evaluation.report import VariantResult
 
 OUTCOMES = ("TP", "FP", "TN", "FN")
-COMPARED = (("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"), ("roc_auc", "ROC AUC"))
+COMPARED = (
+    ("accuracy", "Accuracy"),
+    ("sensitivity", "Sensitivity"),
+    ("specificity", "Specificity"),
+    ("roc_auc", "ROC AUC"),
+)
 DPI = 100
 
 
@@ -69,9 +74,20 @@ def plot_comparison(results: dict[str, VariantResult], out_png: Path) -> None:
         m = results[name].metrics
         values = [m.get(key) for key, _ in COMPARED]
         errors = np.array([_error_bar(v, (m.get("ci95") or {}).get(key)) for v, (key, _) in zip(values, COMPARED)]).T
-        ax.bar(x + (i - (len(names) - 1) / 2) * width, [v if v is not None else 0 for v in values], width, yerr=errors, capsize=2, label=name)
+        ax.bar(
+            x + (i - (len(names) - 1) / 2) * width,
+            [v if v is not None else 0 for v in values],
+            width,
+            yerr=errors,
+            capsize=2,
+            label=name,
+        )
     ax.set_xticks(x, [label for _, label in COMPARED])
-    ax.set(ylim=(0, 1.05), ylabel="Test value (95% CI, patient bootstrap)", title="Test metrics at each variant's validation threshold")
+    ax.set(
+        ylim=(0, 1.05),
+        ylabel="Test value (95% CI, patient bootstrap)",
+        title="Test metrics at each variant's validation threshold",
+    )
     ax.legend(fontsize=8, ncol=min(len(names), 3), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     _save(fig, out_png)
 
@@ -89,7 +105,9 @@ def plot_confusions(results: dict[str, VariantResult], out_png: Path) -> None:
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
     for ax, (name, r) in zip(axes.ravel(), results.items()):
-        ConfusionMatrixDisplay(confusion_array(r.metrics), display_labels=list(CLASSES)).plot(ax=ax, colorbar=False, cmap="Blues")
+        ConfusionMatrixDisplay(confusion_array(r.metrics), display_labels=list(CLASSES)).plot(
+            ax=ax, colorbar=False, cmap="Blues"
+        )
         ax.set_title(name, fontsize=10)
     for ax in axes.ravel()[n:]:
         ax.axis("off")
@@ -123,7 +141,9 @@ def plot_training_curves(curves: dict[str, dict[str, pd.DataFrame]], out_png: Pa
     return True
 
 
-def make_figures(results: dict[str, VariantResult], curves: dict[str, dict[str, pd.DataFrame]], folder: Path) -> tuple[dict[str, Path], list[str]]:
+def make_figures(
+    results: dict[str, VariantResult], curves: dict[str, dict[str, pd.DataFrame]], folder: Path
+) -> tuple[dict[str, Path], list[str]]:
     """Write the comparison figures into `folder`; returns caption → PNG, and notes on what is missing."""
     figures = {
         "ROC curves of all variants (test)": (plot_roc_all, folder / "roc_all.png"),
@@ -149,8 +169,18 @@ def plot_risk_coverage(name: str, curve: pd.DataFrame, ood: dict[str, Any], out_
         ax.plot(curve["coverage"], curve[key], style, label=key)
     band = ood["refer_band"]["test"]
     if band.get("coverage") is not None and band.get("accuracy") is not None:
-        ax.plot([band["coverage"]], [band["accuracy"]], "ko", label=f"refer band (accuracy, {band['coverage']:.0%} answered)")
-    ax.set(xlabel="coverage (share of test images answered)", ylabel="among the answered", xlim=(0, 1.01), title=f"Risk-coverage of {name} (test)")
+        ax.plot(
+            [band["coverage"]],
+            [band["accuracy"]],
+            "ko",
+            label=f"refer band (accuracy, {band['coverage']:.0%} answered)",
+        )
+    ax.set(
+        xlabel="coverage (share of test images answered)",
+        ylabel="among the answered",
+        xlim=(0, 1.01),
+        title=f"Risk-coverage of {name} (test)",
+    )
     ax.set_ylim(max(0.0, float(np.nanmin(curve[["accuracy", "specificity"]].to_numpy(dtype=float))) - 0.05), 1.01)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
@@ -177,7 +207,12 @@ def gradcam_examples(predictions: pd.DataFrame, per_outcome: int) -> pd.DataFram
         raise ValueError(f"report.gradcam_per_outcome must be ≥ 0, got {per_outcome}")
     actual_pos = predictions["actual"] == POSITIVE
     pred_pos = predictions["predicted"] == POSITIVE
-    masks = {"TP": actual_pos & pred_pos, "FP": ~actual_pos & pred_pos, "TN": ~actual_pos & ~pred_pos, "FN": actual_pos & ~pred_pos}
+    masks = {
+        "TP": actual_pos & pred_pos,
+        "FP": ~actual_pos & pred_pos,
+        "TN": ~actual_pos & ~pred_pos,
+        "FN": actual_pos & ~pred_pos,
+    }
     picked = []
     for outcome in OUTCOMES:
         confidence = predictions["probability"] if outcome in ("TP", "FP") else -predictions["probability"]
@@ -187,7 +222,12 @@ def gradcam_examples(predictions: pd.DataFrame, per_outcome: int) -> pd.DataFram
 
 
 def make_gradcam(
-    name: str, predictions: pd.DataFrame, per_outcome: int, out_png: Path, processed: Path = Path("data/processed"), models: Path = Path("models")
+    name: str,
+    predictions: pd.DataFrame,
+    per_outcome: int,
+    out_png: Path,
+    processed: Path = Path("data/processed"),
+    models: Path = Path("models"),
 ) -> str | None:
     """Grad-CAM grid of the best variant; returns None on success or why it was skipped."""
     if per_outcome == 0:
@@ -207,9 +247,14 @@ def make_gradcam(
     index = {path: i for i, path in enumerate(test.rows["path"])}
     absent = [p for p in picked["path"] if p not in index]
     if absent:
-        raise CxrError(f"plots/{name}/predictions.csv names {absent[0]}, not in the test cache; rerun `dvc repro evaluate@{name}`")
+        raise CxrError(
+            f"plots/{name}/predictions.csv names {absent[0]}, not in the test cache; rerun `dvc repro evaluate@{name}`"
+        )
     images = np.stack([test.x[index[p]] for p in picked["path"]])
-    titles = [f"{o} p={p:.2f} {Path(path).name}" for o, p, path in zip(picked["outcome"], picked["probability"], picked["path"])]
+    titles = [
+        f"{o} p={p:.2f} {Path(path).name}"
+        for o, p, path in zip(picked["outcome"], picked["probability"], picked["path"])
+    ]
     try:
         gradcam_grid(loaded.model, images, titles, out_png, ncols=per_outcome)  # one row per outcome, when full
     except CxrError as exc:  # e.g. the dense variant: no convolution layer

@@ -76,7 +76,12 @@ class Mahalanobis:
 
 def thumbnails(x: np.ndarray) -> np.ndarray:
     """uint8 images (N, S, S, 1) → their THUMB_SIDE² box averages in [0, 1], (N, THUMB_SIDE²)."""
-    out = [np.asarray(Image.fromarray(img[:, :, 0]).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), np.float64).ravel() for img in x]
+    out = [
+        np.asarray(
+            Image.fromarray(img[:, :, 0]).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX), np.float64
+        ).ravel()
+        for img in x
+    ]
     return np.stack(out) / 255.0 if out else np.zeros((0, THUMB_SIDE * THUMB_SIDE))
 
 
@@ -175,7 +180,14 @@ class Gate:
         """(N, 3): each detector's score over its validation quantile (DETECTORS order)."""
         thumbs = thumbnails(x)
         view = np.exp(np.clip(self.view.logit(thumbs) - self.view_scale, -_CLIP, _CLIP))
-        return np.stack([self.features.distance(features) / self.feature_scale, self.pixels.distance(thumbs) / self.pixel_scale, view], axis=1)
+        return np.stack(
+            [
+                self.features.distance(features) / self.feature_scale,
+                self.pixels.distance(thumbs) / self.pixel_scale,
+                view,
+            ],
+            axis=1,
+        )
 
     def raw_scores(self, features: np.ndarray, x: np.ndarray) -> np.ndarray:
         """The largest of the three scaled detector scores."""
@@ -185,7 +197,9 @@ class Gate:
         """The OOD score of each input: > 1 is out of distribution (1 = the threshold)."""
         return self.raw_scores(features, x) / self.threshold
 
-    def reasons(self, features: np.ndarray, x: np.ndarray, facts: list[ImageFacts | None]) -> tuple[np.ndarray, list[str | None]]:
+    def reasons(
+        self, features: np.ndarray, x: np.ndarray, facts: list[ImageFacts | None]
+    ) -> tuple[np.ndarray, list[str | None]]:
         """Scores and, per input, why it is out of distribution (image check first) or None."""
         parts = self.parts(features, x)
         s = parts.max(axis=1) / self.threshold
@@ -242,7 +256,9 @@ class Gate:
             with np.load(path, allow_pickle=False) as npz:
                 h = json.loads(str(npz["header"]))
                 return cls(
-                    features=Mahalanobis(npz["feature_mean"].astype(np.float64), npz["feature_precision"].astype(np.float64)),
+                    features=Mahalanobis(
+                        npz["feature_mean"].astype(np.float64), npz["feature_precision"].astype(np.float64)
+                    ),
                     pixels=Mahalanobis(npz["pixel_mean"], npz["pixel_precision"]),
                     view=ViewCheck(npz["view_mean"], npz["view_scale"], npz["view_coef"], float(h["view_intercept"])),
                     feature_scale=float(h["feature_scale"]),
@@ -255,7 +271,9 @@ class Gate:
                     meta=dict(h["meta"]),
                 )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CxrError(f"{path}: cannot read the OOD gate ({' '.join(str(exc).split())[:160]}); rerun `dvc repro ood@<variant>`") from None
+            raise CxrError(
+                f"{path}: cannot read the OOD gate ({' '.join(str(exc).split())[:160]}); rerun `dvc repro ood@<variant>`"
+            ) from None
 
 
 def fit_gate(
@@ -277,7 +295,9 @@ def fit_gate(
     if not 0 < keep_val <= 1:
         raise ValueError(f"keep_val must be in (0, 1], got {keep_val}")
     if len(val_x) == 0:
-        raise CxrError("the validation split is empty, so the OOD threshold cannot be set; rerun `dvc repro split preprocess`")
+        raise CxrError(
+            "the validation split is empty, so the OOD threshold cannot be set; rerun `dvc repro split preprocess`"
+        )
     features, pixels = Mahalanobis.fit(train_features), Mahalanobis.fit(thumbnails(train_x))
     view = ViewCheck.fit(train_x, np.random.default_rng(seed))
     val_thumbs = thumbnails(val_x)
@@ -291,7 +311,12 @@ def fit_gate(
     raw = gate.raw_scores(val_features, val_x)
     cut = float(np.quantile(raw, keep_val, method="higher"))
     val_answered = float(answered(val_p, low, high).mean())
-    meta = {"keep_val": keep_val, "refer_coverage": refer_coverage, "val_in_distribution": float(np.mean(raw <= cut)), "val_coverage": val_answered}
+    meta = {
+        "keep_val": keep_val,
+        "refer_coverage": refer_coverage,
+        "val_in_distribution": float(np.mean(raw <= cut)),
+        "val_coverage": val_answered,
+    }
     return Gate(features, pixels, view, feature_scale, pixel_scale, view_scale, cut, checks, low, high, meta)
 
 
@@ -307,12 +332,16 @@ def penultimate(model: Any) -> Any:
     if isinstance(last, keras.layers.Average):
         members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
         feats = [keras.layers.Flatten()(penultimate(m)(model.inputs[0])) for m in members]
-        return keras.Model(model.inputs, keras.layers.Concatenate(name="members")(feats), name=f"{model.name}_penultimate")
+        return keras.Model(
+            model.inputs, keras.layers.Concatenate(name="members")(feats), name=f"{model.name}_penultimate"
+        )
     if isinstance(last, keras.Model):
         inner = penultimate(last)
         return keras.Model(model.inputs, inner(called_on(last)), name=f"{model.name}_penultimate")
     if not isinstance(last, keras.layers.Dense):
-        raise CxrError(f"model {model.name}: its last layer is {type(last).__name__}, not Dense, so it has no penultimate features for the OOD gate")
+        raise CxrError(
+            f"model {model.name}: its last layer is {type(last).__name__}, not Dense, so it has no penultimate features for the OOD gate"
+        )
     return keras.Model(model.inputs, last.input, name=f"{model.name}_penultimate")
 
 

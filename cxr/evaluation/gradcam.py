@@ -42,7 +42,12 @@ def _is_model(layer: Any) -> bool:
 def _is_conv(layer: Any) -> bool:
     import keras
 
-    conv = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose)
+    conv = (
+        keras.layers.Conv2D,
+        keras.layers.DepthwiseConv2D,
+        keras.layers.SeparableConv2D,
+        keras.layers.Conv2DTranspose,
+    )
     return isinstance(layer, conv) or (_is_model(layer) and any(_is_conv(sub) for sub in layer.layers))
 
 
@@ -65,7 +70,9 @@ def _node_tensors(graph: Any, layer: Any) -> tuple[list[Any], list[Any]]:
     in_graph = {id(node) for nodes in graph._nodes_by_depth.values() for node in nodes}
     nodes = [node for node in layer._inbound_nodes if id(node) in in_graph]
     if len(nodes) != 1:
-        raise CxrError(f"layer '{layer.name}' is called {len(nodes)} times in model '{graph.name}'; Grad-CAM needs it called once")
+        raise CxrError(
+            f"layer '{layer.name}' is called {len(nodes)} times in model '{graph.name}'; Grad-CAM needs it called once"
+        )
     return list(nodes[0].input_tensors), list(nodes[0].output_tensors)
 
 
@@ -106,7 +113,9 @@ def conv_and_output(model: Any) -> ConvAndOutput:
                 return conv, (out if post is None else post(out, training=False))
 
             return run
-    raise CxrError(f"model '{model.name}' has no convolution layer; Grad-CAM needs a convolutional variant (not the dense one)")
+    raise CxrError(
+        f"model '{model.name}' has no convolution layer; Grad-CAM needs a convolutional variant (not the dense one)"
+    )
 
 
 def explained_model(model: Any) -> Any:
@@ -176,7 +185,9 @@ def overlay(gray_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = ALPHA) -
         gray = gray[..., 0]
     heat = np.asarray(heatmap, dtype=np.float64)
     if gray.ndim != 2 or heat.shape != gray.shape:
-        raise ValueError(f"expected a grayscale image and a heatmap of the same (S, S) shape, got {gray.shape} and {heat.shape}")
+        raise ValueError(
+            f"expected a grayscale image and a heatmap of the same (S, S) shape, got {gray.shape} and {heat.shape}"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     colour = colormaps[COLORMAP](np.clip(heat, 0.0, 1.0))[..., :3] * 255.0

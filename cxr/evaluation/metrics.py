@@ -52,7 +52,9 @@ def check_inputs(y: Any, p: Any) -> tuple[np.ndarray, np.ndarray]:
     if len(y) == 0:
         raise ValueError("no predictions to evaluate (empty labels)")
     if not np.isin(y, (0, 1)).all():
-        raise ValueError(f"labels must be 0 (normal) or 1 (pneumonia), got values {sorted(set(np.unique(y).tolist()))[:5]}")
+        raise ValueError(
+            f"labels must be 0 (normal) or 1 (pneumonia), got values {sorted(set(np.unique(y).tolist()))[:5]}"
+        )
     if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
         raise ValueError("probabilities must be finite and within [0, 1]")
     return y.astype(np.int32), p
@@ -193,7 +195,9 @@ def calibrated_threshold(y: Any, p: Any, level: float = 0.5) -> float:
     """The raw probability at which the Platt-calibrated probability equals `level`."""
     a, b = platt_scaling(y, p)
     if a <= 0:
-        raise CxrError("Platt scaling found no increasing relation between the model's output and the labels; use train.threshold_rule: youden")
+        raise CxrError(
+            "Platt scaling found no increasing relation between the model's output and the labels; use train.threshold_rule: youden"
+        )
     logit = (math.log(level / (1 - level)) - b) / a
     return float(1 / (1 + math.exp(-logit)))
 
@@ -213,7 +217,9 @@ def choose_threshold(rule: str, y: Any, p: Any, stressed: dict[str, Any] | None 
         if not stressed:
             raise ValueError("the stress_youden rule needs the stress probabilities")
         y = np.asarray(y)
-        return youden_threshold(np.tile(y, 1 + len(stressed)), np.concatenate([np.asarray(p), *map(np.asarray, stressed.values())]))
+        return youden_threshold(
+            np.tile(y, 1 + len(stressed)), np.concatenate([np.asarray(p), *map(np.asarray, stressed.values())])
+        )
     if kind == "sensitivity":
         return sensitivity_threshold(y, p, value)
     return calibrated_threshold(y, p, value)
@@ -284,11 +290,15 @@ def patient_draws(patient_ids: Any, n_samples: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_patients, size=(n_samples, n_patients))
     offsets = (np.arange(n_samples) * n_patients)[:, None]
-    times_drawn = np.bincount((draws + offsets).ravel(), minlength=n_samples * n_patients).reshape(n_samples, n_patients)
+    times_drawn = np.bincount((draws + offsets).ravel(), minlength=n_samples * n_patients).reshape(
+        n_samples, n_patients
+    )
     return times_drawn[:, group]
 
 
-def patient_bootstrap(y: Any, p: Any, patient_ids: Any, threshold: float, n_samples: int = 1000, seed: int = 0) -> dict[str, list[float] | None]:
+def patient_bootstrap(
+    y: Any, p: Any, patient_ids: Any, threshold: float, n_samples: int = 1000, seed: int = 0
+) -> dict[str, list[float] | None]:
     """95% percentile intervals of accuracy, sensitivity, specificity and ROC AUC, resampling patients."""
     y, p = check_inputs(y, p)
     threshold = _check_threshold(threshold)
@@ -360,7 +370,9 @@ def evaluate_probabilities(
     y, p = check_inputs(y, p)
     missing = {"path", "subtype", "patient_id"} - set(rows.columns)
     if missing or len(rows) != len(y):
-        raise ValueError(f"rows must have path, subtype, patient_id for {len(y)} images; got {len(rows)} rows missing {sorted(missing)}")
+        raise ValueError(
+            f"rows must have path, subtype, patient_id for {len(y)} images; got {len(rows)} rows missing {sorted(missing)}"
+        )
     point = binary_metrics(y, p, threshold, calibration_bins)
     at_half = binary_metrics(y, p, 0.5, calibration_bins)
     metrics: dict[str, Any] = {k: point[k] for k in point if k != "n"}

@@ -54,12 +54,17 @@ def synthetic_families(rng: np.random.Generator, n: int) -> dict[str, list[np.nd
     """Seeded images (uint8, grayscale (H, W) or RGB (H, W, 3)) of each non-X-ray family."""
     sides = lambda: (int(rng.integers(256, 1025)), int(rng.integers(256, 1025)))  # noqa: E731
     constant = [np.full(sides(), level, np.uint8) for level in rng.integers(0, 256, n)]
-    constant[:2] = [np.zeros((512, 512), np.uint8), np.full((512, 512), 255, np.uint8)]  # the issue's all-black and all-white
+    constant[:2] = [
+        np.zeros((512, 512), np.uint8),
+        np.full((512, 512), 255, np.uint8),
+    ]  # the issue's all-black and all-white
     near = []
     for _ in range(n):
         h, w = sides()
         ramp = np.linspace(0, rng.uniform(0, 4), w)[None, :]
-        near.append(np.clip(rng.uniform(10, 245) + ramp + rng.normal(0, rng.uniform(0.3, 1.5), (h, w)), 0, 255).astype(np.uint8))
+        near.append(
+            np.clip(rng.uniform(10, 245) + ramp + rng.normal(0, rng.uniform(0.3, 1.5), (h, w)), 0, 255).astype(np.uint8)
+        )
     noise = []
     for i in range(n):
         h, w = sides()
@@ -67,7 +72,9 @@ def synthetic_families(rng: np.random.Generator, n: int) -> dict[str, list[np.nd
         if kind == 0:
             noise.append(rng.integers(0, 256, (h, w), dtype=np.uint8))
         elif kind == 1:
-            noise.append(np.clip(rng.normal(rng.uniform(60, 200), rng.uniform(20, 60), (h, w)), 0, 255).astype(np.uint8))
+            noise.append(
+                np.clip(rng.normal(rng.uniform(60, 200), rng.uniform(20, 60), (h, w)), 0, 255).astype(np.uint8)
+            )
         else:
             noise.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
     photos = _photo_crops(rng, n)

@@ -115,10 +115,13 @@ def load_result(name: str, root: Path = Path(".")) -> VariantResult:
     if not _is_number(metrics.get("threshold")):
         raise CxrError(f"{metrics_path} lacks a numeric threshold; {hint}")
     plots = root / "plots" / name
-    predictions = _read_csv(plots / "predictions.csv", PREDICTION_COLUMNS, hint, {"path": str, "actual": str, "predicted": str})
+    predictions = _read_csv(
+        plots / "predictions.csv", PREDICTION_COLUMNS, hint, {"path": str, "actual": str, "predicted": str}
+    )
     roc = _read_csv(plots / "roc.csv", ROC_COLUMNS, hint)
     stress = _read_json(
-        root / "metrics" / f"{name}_stress.json", f"run `dvc repro {'ensemble@' + name.removesuffix('_cv') if name.endswith('_cv') else 'train@' + name}`"
+        root / "metrics" / f"{name}_stress.json",
+        f"run `dvc repro {'ensemble@' + name.removesuffix('_cv') if name.endswith('_cv') else 'train@' + name}`",
     )
     return VariantResult(name, metrics, meta, predictions, roc, _dict(stress))
 
@@ -144,7 +147,9 @@ def read_training_curves(folder: Path) -> dict[str, pd.DataFrame]:
         if df.empty or not value_cols:
             continue
         step = df["step"] if "step" in df.columns else pd.Series(range(len(df)))
-        curves[tsv.relative_to(base).with_suffix("").as_posix()] = pd.DataFrame({"step": step, "value": df[value_cols[-1]]})
+        curves[tsv.relative_to(base).with_suffix("").as_posix()] = pd.DataFrame(
+            {"step": step, "value": df[value_cols[-1]]}
+        )
     return curves
 
 
@@ -155,7 +160,9 @@ def pick_best(scores: dict[str, float | None]) -> str:
     """The variant with the highest validation score; ties go to the alphabetically first name."""
     known = {name: score for name, score in scores.items() if score is not None}
     if not known:
-        raise CxrError("no variant has the validation figure report.select_by ranks by (models/<v>.json, metrics/<v>_stress.json); rerun `dvc repro train`")
+        raise CxrError(
+            "no variant has the validation figure report.select_by ranks by (models/<v>.json, metrics/<v>_stress.json); rerun `dvc repro train`"
+        )
     return min(known, key=lambda name: (-known[name], name))
 
 
@@ -186,7 +193,9 @@ def build_summary(results: dict[str, VariantResult], select_by: str = "val_roc_a
 def series_specificity(results: dict[str, VariantResult]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per variant, test specificity per file-name series of the normal images (from predictions.csv)."""
     return {
-        name: specificity_by_series(r.predictions["label"], r.predictions["probability"], r.predictions["path"], r.metrics["threshold"])
+        name: specificity_by_series(
+            r.predictions["label"], r.predictions["probability"], r.predictions["path"], r.metrics["threshold"]
+        )
         for name, r in results.items()
     }
 
@@ -263,7 +272,9 @@ def audit_notes(audit: dict[str, Any]) -> list[str]:
         notes.append(f"{len(audit['excluded'])} excluded as unreadable")
     dup = audit.get("duplicates")
     if isinstance(dup, dict) and isinstance(dup.get("groups"), int):
-        notes.append(f"{dup['groups']} groups of byte-identical images ({dup.get('groups_across_train_test', '?')} across official train/test)")
+        notes.append(
+            f"{dup['groups']} groups of byte-identical images ({dup.get('groups_across_train_test', '?')} across official train/test)"
+        )
     removed = audit.get("removed_from_train_as_test_duplicates")
     if isinstance(removed, list):
         notes.append(f"{len(removed)} training copies of test images removed")
@@ -316,7 +327,11 @@ def model_card(inp: ReportInputs) -> dict[str, Any]:
         test_share, train_share = PUBLISHED_PNEUMONIA_SHARE["test"], PUBLISHED_PNEUMONIA_SHARE["train"]
     best = inp.results[inp.summary["best"]].sidecar
     rule = best.threshold_rule
-    ratio = f"about {train_share / (1 - train_share):.1f} pneumonia images per normal one" if train_share < 1 else "no normal images"
+    ratio = (
+        f"about {train_share / (1 - train_share):.1f} pneumonia images per normal one"
+        if train_share < 1
+        else "no normal images"
+    )
     limits = [
         "Single hospital: Guangzhou Women and Children's Medical Center; performance elsewhere (other scanners, protocols, populations) is unknown.",
         "Pediatric patients aged 1–5 only; not validated for adults or other ages.",
@@ -327,7 +342,9 @@ def model_card(inp: ReportInputs) -> dict[str, Any]:
         "Labels are image-level diagnoses by the dataset's graders; bacterial/viral subtypes come from file names.",
     ]
     if "224" in inp.source:
-        limits.append("Images come from a 224-pixel mirror of the data, not the original resolutions; fine detail is lost.")
+        limits.append(
+            "Images come from a 224-pixel mirror of the data, not the original resolutions; fine detail is lost."
+        )
     return {"source": DATA_SOURCE, "model": best.model, "image_size": best.image_size, "limits": limits}
 
 
@@ -353,7 +370,10 @@ def page_context(inp: ReportInputs) -> dict[str, Any]:
         "split_strategy": inp.split_strategy,
         "split_description": split_description(inp.split_strategy, inp.val_fraction),
         # embedded as data URIs, so the page is one self-contained file
-        "figures": [{"caption": c, "png_base64": base64.b64encode(png.read_bytes()).decode("ascii")} for c, png in inp.figures.items()],
+        "figures": [
+            {"caption": c, "png_base64": base64.b64encode(png.read_bytes()).decode("ascii")}
+            for c, png in inp.figures.items()
+        ],
         "notes": inp.notes,
         "card": model_card(inp),
         "commit": inp.commit,

@@ -62,7 +62,11 @@ def answered_metrics(y: np.ndarray, p: np.ndarray, threshold: float, keep: np.nd
     """Coverage and accuracy / sensitivity / specificity of the answered cases (`keep`)."""
     y, p, keep = np.asarray(y), np.asarray(p, np.float64), np.asarray(keep, bool)
     pred = (p >= threshold).astype(int)
-    return {"coverage": float(keep.mean()) if len(keep) else None, "n_answered": int(keep.sum()), **_rates(y[keep], pred[keep])}
+    return {
+        "coverage": float(keep.mean()) if len(keep) else None,
+        "n_answered": int(keep.sum()),
+        **_rates(y[keep], pred[keep]),
+    }
 
 
 def risk_coverage(y: np.ndarray, p: np.ndarray, threshold: float) -> list[dict[str, Any]]:

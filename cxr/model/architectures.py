@@ -104,9 +104,13 @@ def _application(backbone: str, alpha: float, size: int, weights: str | None) ->
     if backbone == "vgg16":
         return keras.applications.VGG16(include_top=False, weights=weights, input_shape=shape, name=BACKBONE_NAME)
     if backbone == "mobilenet_v2":
-        return keras.applications.MobileNetV2(input_shape=shape, alpha=alpha, include_top=False, weights=weights, name=BACKBONE_NAME)
+        return keras.applications.MobileNetV2(
+            input_shape=shape, alpha=alpha, include_top=False, weights=weights, name=BACKBONE_NAME
+        )
     if backbone == "mobilenet":
-        return keras.applications.MobileNet(input_shape=shape, alpha=alpha, include_top=False, weights=weights, name=BACKBONE_NAME)
+        return keras.applications.MobileNet(
+            input_shape=shape, alpha=alpha, include_top=False, weights=weights, name=BACKBONE_NAME
+        )
     if backbone == "densenet121":
         return keras.applications.DenseNet121(include_top=False, weights=weights, input_shape=shape, name=BACKBONE_NAME)
     raise CxrError(f"params.yaml transfer.backbone: unknown backbone '{backbone}'; use one of {', '.join(BACKBONES)}")
@@ -123,7 +127,9 @@ def make_backbone(variant: VariantParams, transfer: TransferParams, alpha_key: s
     if weights not in ("imagenet", "none"):
         path = Path(weights)
         if path.suffix != ".h5" or not path.is_file():
-            raise CxrError(f"params.yaml transfer.weights: '{weights}' is not an existing .h5 file; use imagenet, none or a path to an .h5 file")
+            raise CxrError(
+                f"params.yaml transfer.weights: '{weights}' is not an existing .h5 file; use imagenet, none or a path to an .h5 file"
+            )
     try:
         model = _application(backbone, alpha, variant.image_size, str(path) if path else None)
     except CxrError:
@@ -133,7 +139,9 @@ def make_backbone(variant: VariantParams, transfer: TransferParams, alpha_key: s
         if path and ("weight" in text.lower() or "layer" in text.lower()):
             raise CxrError(f"params.yaml transfer.weights: {path} does not fit {backbone} ({text[:160]})") from None
         if "alpha" in text:
-            raise CxrError(f"params.yaml {alpha_key}: {alpha} is not a width {backbone} supports ({text[:160]})") from None
+            raise CxrError(
+                f"params.yaml {alpha_key}: {alpha} is not a width {backbone} supports ({text[:160]})"
+            ) from None
         raise _size_error(variant, exc) from None
     if weights == "imagenet":
         model.set_weights(_imagenet_reference(backbone, alpha, alpha_key).get_weights())
@@ -232,11 +240,15 @@ def build_transfer_finetuned(variant: VariantParams) -> keras.Model:
     """The trained transfer_frozen model with only its backbone's last conv layer unfrozen."""
     path = Path(variant.init_from)
     if not path.is_file():
-        raise CxrError(f"params.yaml variants.{variant.name}.init_from: {path} not found; run `dvc repro train@{path.stem}` first")
+        raise CxrError(
+            f"params.yaml variants.{variant.name}.init_from: {path} not found; run `dvc repro train@{path.stem}` first"
+        )
     model = keras.saving.load_model(path, compile=False, safe_mode=True)
     size = model.input_shape[1]
     if size != variant.image_size:
-        raise CxrError(f"params.yaml variants.{variant.name}.image_size: {variant.image_size} px differs from {path}'s input ({size} px); make them equal")
+        raise CxrError(
+            f"params.yaml variants.{variant.name}.image_size: {variant.image_size} px differs from {path}'s input ({size} px); make them equal"
+        )
     has_augment = any(layer.name == AUGMENT_NAME for layer in model.layers)
     if has_augment != variant.augment:
         raise CxrError(
@@ -277,7 +289,11 @@ def build_modern(variant: VariantParams, transfer: TransferParams, seed: int) ->
     """
     backbone_params = variant.backbone(transfer)
     inputs = _inputs(variant)
-    x = augmentation(seed, "light", variant.option("augment_strength"), variant.option("photometric"))(inputs) if variant.augment else inputs
+    x = (
+        augmentation(seed, "light", variant.option("augment_strength"), variant.option("photometric"))(inputs)
+        if variant.augment
+        else inputs
+    )
     base = make_backbone(variant, backbone_params, alpha_key=f"variants.{variant.name}.alpha")
     start = _trainable_from(base, variant.option("trainable_from"), variant)
     for i, layer in enumerate(base.layers):

@@ -47,7 +47,13 @@ def augmentation(seed: int, kind: str = "seed", strength: float = 1.0, photometr
         if photometric > 0:
             transforms += [
                 layers.RandomBrightness(min(0.2 * photometric, 1.0), value_range=(0, 255), seed=seed + 4),
-                layers.RandomGaussianBlur(factor=(0.0, 1.0), kernel_size=5, sigma=(0.1, 1.5 * photometric), value_range=(0, 255), seed=seed + 5),
+                layers.RandomGaussianBlur(
+                    factor=(0.0, 1.0),
+                    kernel_size=5,
+                    sigma=(0.1, 1.5 * photometric),
+                    value_range=(0, 255),
+                    seed=seed + 5,
+                ),
             ]
     else:
         raise ValueError(f"augmentation kind must be 'seed' or 'light', got {kind!r}")

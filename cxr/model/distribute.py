@@ -69,7 +69,11 @@ def read_tf_config(text: str | None) -> Task:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _config_error(f"is not valid JSON ({exc.msg} at character {exc.pos})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict) or not isinstance(config.get("task"), dict):
+    if (
+        not isinstance(config, dict)
+        or not isinstance(config.get("cluster"), dict)
+        or not isinstance(config.get("task"), dict)
+    ):
         raise _config_error("must be a JSON object with 'cluster' and 'task' objects")
     cluster = config["cluster"]
     unknown = set(cluster) - set(TASK_TYPES)
@@ -78,7 +82,11 @@ def read_tf_config(text: str | None) -> Task:
             f"cluster has job(s) {', '.join(sorted(unknown))}, which MultiWorkerMirroredStrategy does not use; list only 'worker' (and at most one 'chief')"
         )
     for job, addresses in cluster.items():
-        if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses):
+        if (
+            not isinstance(addresses, list)
+            or not addresses
+            or not all(isinstance(a, str) and a.rpartition(":")[2].isdigit() for a in addresses)
+        ):
             raise _config_error(f"cluster.{job} must be a non-empty list of 'host:port' strings, got {addresses!r}")
     if "worker" not in cluster:
         raise _config_error("has no cluster.worker list")
@@ -89,7 +97,9 @@ def read_tf_config(text: str | None) -> Task:
     if kind not in cluster:
         raise _config_error(f"task.type {kind!r} is not a job of the cluster ({', '.join(sorted(cluster))})")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[kind]):
-        raise _config_error(f"task.index {index!r} is not in 0..{len(cluster[kind]) - 1} (cluster.{kind} has {len(cluster[kind])} addresses)")
+        raise _config_error(
+            f"task.index {index!r} is not in 0..{len(cluster[kind]) - 1} (cluster.{kind} has {len(cluster[kind])} addresses)"
+        )
     return Task(type=kind, index=index, cluster={job: list(addresses) for job, addresses in cluster.items()})
 
 

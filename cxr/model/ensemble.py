@@ -58,10 +58,25 @@ def build_ensemble(name: str, members: list[LoadedModel], oof: pd.DataFrame, par
         resize=first.resize,
         threshold=threshold,
         threshold_rule=params.train.threshold_rule,
-        val=ValSummary(roc_auc=m["roc_auc"], accuracy=m["accuracy"], sensitivity=m["sensitivity"], specificity=m["specificity"], n=m["n"]),
+        val=ValSummary(
+            roc_auc=m["roc_auc"],
+            accuracy=m["accuracy"],
+            sensitivity=m["sensitivity"],
+            specificity=m["specificity"],
+            n=m["n"],
+        ),
         epochs_run=int(sum(x.meta.epochs_run for x in members)),
         train_seconds=round(float(sum(x.meta.train_seconds for x in members)), 2),
         seed=params.seed,
-        params={"members": [str(x.path) for x in members], "member_epochs": [x.meta.epochs_run for x in members], "variant": first.params},
+        params={
+            "members": [str(x.path) for x in members],
+            "member_epochs": [x.meta.epochs_run for x in members],
+            "variant": first.params,
+        },
     )
-    return TrainResult(model=average_model(name, [x.model for x in members]), meta=meta, val_prob=np.asarray(prob), stress_prob=stressed)
+    return TrainResult(
+        model=average_model(name, [x.model for x in members]),
+        meta=meta,
+        val_prob=np.asarray(prob),
+        stress_prob=stressed,
+    )

@@ -49,11 +49,16 @@ def forward_arrays(model: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarra
     x = np.asarray(x)
     expected = tuple(model.inputs[0].shape[1:])
     if x.ndim != len(expected) + 1 or any(e is not None and e != g for e, g in zip(expected, x.shape[1:])):
-        raise ValueError(f"expected inputs shaped (N, {', '.join('?' if e is None else str(e) for e in expected)}), got {x.shape}")
+        raise ValueError(
+            f"expected inputs shaped (N, {', '.join('?' if e is None else str(e) for e in expected)}), got {x.shape}"
+        )
     if len(x) == 0:
         return np.zeros((0, *model.outputs[0].shape[1:]), dtype=np.float64)
     forward = _forward(model)
-    out = [np.asarray(forward(x[start : start + batch_size].astype(np.float32)), dtype=np.float64) for start in range(0, len(x), batch_size)]
+    out = [
+        np.asarray(forward(x[start : start + batch_size].astype(np.float32)), dtype=np.float64)
+        for start in range(0, len(x), batch_size)
+    ]
     return np.concatenate(out)
 
 

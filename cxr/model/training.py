@@ -44,7 +44,9 @@ class TrainResult:
     meta: Sidecar
     history: dict[str, list[float]] = field(default_factory=dict)
     val_prob: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    stress_prob: dict[str, np.ndarray] = field(default_factory=dict)  # shift → validation probabilities (cxr.evaluation.stress)
+    stress_prob: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # shift → validation probabilities (cxr.evaluation.stress)
 
 
 def set_determinism(seed: int) -> None:
@@ -72,14 +74,18 @@ def check_inputs(variant: VariantParams, params: Params, train: CachedSplit, val
                 f"{variant.image_size}; rerun `dvc repro preprocess`"
             )
         if set(np.unique(split.y).tolist()) != {0, 1}:
-            raise CxrError(f"the {name} split needs both NORMAL and PNEUMONIA images (its {len(split)} images are not both); check split / preprocess")
+            raise CxrError(
+                f"the {name} split needs both NORMAL and PNEUMONIA images (its {len(split)} images are not both); check split / preprocess"
+            )
     if variant.model == "transfer_features" and variant.augment:
         raise CxrError(
             f"params.yaml variants.{variant.name}.augment: transfer_features computes each image's features once, "
             "so it cannot augment; set augment: false (transfer_frozen augments)"
         )
     if variant.batch_size > len(train):
-        raise CxrError(f"params.yaml variants.{variant.name}.batch_size: {variant.batch_size} is larger than the training set ({len(train)} images); lower it")
+        raise CxrError(
+            f"params.yaml variants.{variant.name}.batch_size: {variant.batch_size} is larger than the training set ({len(train)} images); lower it"
+        )
     return epochs
 
 
@@ -113,7 +119,9 @@ def callbacks(params: Params, live: Any | None) -> list[keras.callbacks.Callback
     """Early stopping on exact validation ROC AUC (best weights restored), plus DVCLive if given.
     `fit_arrays` puts ValidationScores in front of these, so they see `val_roc_auc`."""
     out: list[keras.callbacks.Callback] = [
-        keras.callbacks.EarlyStopping(monitor="val_roc_auc", mode="max", patience=params.train.patience, restore_best_weights=True, verbose=1)
+        keras.callbacks.EarlyStopping(
+            monitor="val_roc_auc", mode="max", patience=params.train.patience, restore_best_weights=True, verbose=1
+        )
     ]
     if live is not None:
         from dvclive.keras import DVCLiveCallback
@@ -144,7 +152,10 @@ def make_optimizer(variant: VariantParams, steps_per_epoch: int, epochs: int) ->
         fraction = variant.option("warmup_fraction")
         warmup = min(total - 1, math.ceil(fraction * total))
         lr = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup else lr, decay_steps=total - warmup, warmup_target=lr if warmup else None, warmup_steps=warmup
+            initial_learning_rate=0.0 if warmup else lr,
+            decay_steps=total - warmup,
+            warmup_target=lr if warmup else None,
+            warmup_steps=warmup,
         )
     name = variant.optimizer
     if name == "sgd":
@@ -154,7 +165,9 @@ def make_optimizer(variant: VariantParams, steps_per_epoch: int, epochs: int) ->
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=lr)
     # adamw (cxr.core.params allows only these four)
-    return keras.optimizers.AdamW(learning_rate=lr, weight_decay=float(variant.extra.get("weight_decay", MODEL_EXTRAS["modern"]["weight_decay"])))
+    return keras.optimizers.AdamW(
+        learning_rate=lr, weight_decay=float(variant.extra.get("weight_decay", MODEL_EXTRAS["modern"]["weight_decay"]))
+    )
 
 
 def compile_model(model: keras.Model, variant: VariantParams, steps_per_epoch: int, epochs: int) -> keras.Model:
@@ -192,7 +205,13 @@ def mixup_batches(batches: tf.data.Dataset, alpha: float, seed: int) -> tf.data.
 
 
 def epoch_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int, weights: dict[int, float] | None = None, mixup: float = 0.0
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    epochs: int,
+    weights: dict[int, float] | None = None,
+    mixup: float = 0.0,
 ) -> tf.data.Dataset:
     """`epochs` × ceil(N / batch_size) float32 training batches, each epoch a permutation that
     depends only on (seed, epoch); batches never span two epochs. With `weights` (class → weight)
@@ -207,12 +226,18 @@ def epoch_batches(
     n = len(x)
 
     def epoch_indices(epoch: tf.Tensor) -> tf.data.Dataset:
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
     if mixup > 0 and weights is None:
         raise ValueError("mixup needs the class weights, to mix them with the labels")
-    per_image = None if weights is None else tf.constant(np.where(np.asarray(y) == 1, weights[1], weights[0]).astype(np.float32))
+    per_image = (
+        None
+        if weights is None
+        else tf.constant(np.where(np.asarray(y) == 1, weights[1], weights[0]).astype(np.float32))
+    )
 
     def gather(indices: tf.Tensor) -> tuple[tf.Tensor, ...]:
         out = (tf.cast(tf.gather(images, indices), tf.float32), tf.gather(labels, indices))
@@ -220,7 +245,11 @@ def epoch_batches(
 
     # No .cache(): the arrays are already in memory and gather + cast is cheaper than a copy of
     # float32 pixels (4× the uint8 cache); prefetch overlaps it with the training step.
-    batches = tf.data.Dataset.range(epochs).flat_map(epoch_indices).map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    batches = (
+        tf.data.Dataset.range(epochs)
+        .flat_map(epoch_indices)
+        .map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    )
     if mixup > 0:
         batches = mixup_batches(batches, float(mixup), seed)
     return batches.prefetch(tf.data.AUTOTUNE)
@@ -244,7 +273,11 @@ def fit_arrays(
     mixup = variant.option("mixup")
     weights = class_weights(y_train)
     # With mixup the class weights are mixed like the labels, so they travel in the batches.
-    data = epoch_batches(x_train, y_train, batch, params.seed, epochs, weights, mixup) if mixup else epoch_batches(x_train, y_train, batch, params.seed, epochs)
+    data = (
+        epoch_batches(x_train, y_train, batch, params.seed, epochs, weights, mixup)
+        if mixup
+        else epoch_batches(x_train, y_train, batch, params.seed, epochs)
+    )
     return model.fit(
         shard_by_data(data),
         steps_per_epoch=math.ceil(len(x_train) / batch),
@@ -259,7 +292,9 @@ def fit_arrays(
 Fitted = tuple[keras.Model, keras.callbacks.History, np.ndarray]
 
 
-def fit_end_to_end(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int) -> Fitted:
+def fit_end_to_end(
+    variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int
+) -> Fitted:
     """Build, compile and fit a whole model on the images; returns (model, history, val_prob)."""
     strategy = get_strategy(params.train.distribute)
     steps = math.ceil(len(train) / global_batch_size(variant.batch_size, strategy))
@@ -273,7 +308,9 @@ def fit_end_to_end(variant: VariantParams, params: Params, train: CachedSplit, v
     return model, history, predict_arrays(model, val.x)
 
 
-def fit_on_features(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int) -> Fitted:
+def fit_on_features(
+    variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, epochs: int, cbs: list, verbose: int
+) -> Fitted:
     """The seed's two-step transfer: backbone features computed once, a head fitted on them, then
     one composed model pixels → backbone → head; returns (model, history, val_prob)."""
     strategy = get_strategy(params.train.distribute)
@@ -289,7 +326,12 @@ def fit_on_features(variant: VariantParams, params: Params, train: CachedSplit, 
 
 
 def train_variant(
-    variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, live_dir: Path | str | None = None, verbose: int = 2
+    variant: VariantParams,
+    params: Params,
+    train: CachedSplit,
+    val: CachedSplit,
+    live_dir: Path | str | None = None,
+    verbose: int = 2,
 ) -> TrainResult:
     """Train `variant` on the given splits and choose its threshold on `val`.
 
@@ -310,11 +352,19 @@ def train_variant(
             val_prob = predict_arrays(model, val.x)
         seconds = time.perf_counter() - start
         if not np.all(np.isfinite(val_prob)):
-            raise CxrError(f"variant {variant.name} diverged (non-finite validation predictions); lower variants.{variant.name}.learning_rate")
+            raise CxrError(
+                f"variant {variant.name} diverged (non-finite validation predictions); lower variants.{variant.name}.learning_rate"
+            )
         stress_prob = stress_probabilities(model, val.x, params.seed)
         threshold = choose_threshold(params.train.threshold_rule, val.y, val_prob, stress_prob)
         m = binary_metrics(val.y, val_prob, threshold)
-        summary = ValSummary(roc_auc=m["roc_auc"], accuracy=m["accuracy"], sensitivity=m["sensitivity"], specificity=m["specificity"], n=m["n"])
+        summary = ValSummary(
+            roc_auc=m["roc_auc"],
+            accuracy=m["accuracy"],
+            sensitivity=m["sensitivity"],
+            specificity=m["specificity"],
+            n=m["n"],
+        )
         if live is not None:
             # The restored best epoch's figures, next to DVCLive's last-epoch ones in metrics.json.
             for key in ("roc_auc", "sensitivity", "specificity"):
@@ -330,7 +380,9 @@ def train_variant(
     return TrainResult(model=model, meta=meta, history=history_lists, val_prob=val_prob, stress_prob=stress_prob)
 
 
-def sidecar(variant: VariantParams, params: Params, threshold: float, val: ValSummary, epochs_run: int, seconds: float) -> Sidecar:
+def sidecar(
+    variant: VariantParams, params: Params, threshold: float, val: ValSummary, epochs_run: int, seconds: float
+) -> Sidecar:
     """models/<v>.json for a trained variant: its params, and the backbone it really used."""
     variant_params = {k: v for k, v in asdict(variant).items() if k not in ("name", "extra")} | dict(variant.extra)
     if variant.model in BACKBONE_MODELS:

@@ -75,7 +75,9 @@ def port_number(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="Pneumonia vs normal in pediatric chest X-rays.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("predict", help="predict P(pneumonia) for images or folders of images", description=__doc__.split("\n\n")[2])
+    p = sub.add_parser(
+        "predict", help="predict P(pneumonia) for images or folders of images", description=__doc__.split("\n\n")[2]
+    )
     p.add_argument(
         "paths",
         nargs="+",
@@ -85,23 +87,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--variant", metavar="NAME", help="use models/NAME.keras of the project")
-    which.add_argument("--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)")
+    which.add_argument(
+        "--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)"
+    )
     p.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
     p.add_argument("--gradcam", metavar="DIR", type=Path, help="also write DIR/<stem>_gradcam.png heatmap overlays")
-    p.add_argument("--batch-size", metavar="N", type=positive_int, default=64, help="images per model call (default: 64)")
+    p.add_argument(
+        "--batch-size", metavar="N", type=positive_int, default=64, help="images per model call (default: 64)"
+    )
     p.add_argument("--strict", action="store_true", help="exit 1 when some image is OUT_OF_DISTRIBUTION")
     p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
     p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     p.set_defaults(run=predict_command, subparser=p)
 
-    s = sub.add_parser("serve", help="serve the model over HTTP: POST /predict and a page at /", description=__doc__.split("\n\n")[3])
+    s = sub.add_parser(
+        "serve", help="serve the model over HTTP: POST /predict and a page at /", description=__doc__.split("\n\n")[3]
+    )
     which = s.add_mutually_exclusive_group()
     which.add_argument("--variant", metavar="NAME", help="use models/NAME.keras of the project")
-    which.add_argument("--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)")
+    which.add_argument(
+        "--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=port_number, default=8000, help="TCP port (default 8000)")
     s.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
-    s.add_argument("--max-upload-mb", metavar="N", type=positive_float, default=64.0, help="refuse uploads over N MiB with 413 (default 64)")
+    s.add_argument(
+        "--max-upload-mb",
+        metavar="N",
+        type=positive_float,
+        default=64.0,
+        help="refuse uploads over N MiB with 413 (default 64)",
+    )
     s.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     s.set_defaults(run=serve_command, subparser=s)
     return parser
@@ -117,7 +133,9 @@ def project_root(start: Path | None = None) -> Path:
 
 
 RUNTIME_CHOICES = ("auto", "keras", "litert")  # cxr.serving.inference.RUNTIMES (not imported here: the CLI starts fast)
-RUNTIME_HELP = "auto (default): the LiteRT export models/<v>.tflite when present, else Keras; --gradcam always uses Keras"
+RUNTIME_HELP = (
+    "auto (default): the LiteRT export models/<v>.tflite when present, else Keras; --gradcam always uses Keras"
+)
 
 
 def resolve_model(variant: str | None, model: Path | None, root: Path) -> Path:
@@ -128,13 +146,17 @@ def resolve_model(variant: str | None, model: Path | None, root: Path) -> Path:
         return root / MODELS_DIR / f"{variant}.keras"
     summary = root / SUMMARY
     if not summary.is_file():
-        raise CxrError(f"{summary} not found, so there is no best model to use; run `dvc repro` (or `dvc pull`) or pass --model FILE / --variant NAME")
+        raise CxrError(
+            f"{summary} not found, so there is no best model to use; run `dvc repro` (or `dvc pull`) or pass --model FILE / --variant NAME"
+        )
     try:
         best = json.loads(summary.read_text()).get("best")
     except (json.JSONDecodeError, AttributeError):
         best = None
     if not isinstance(best, str) or not best:
-        raise CxrError(f"{summary} names no best variant (key 'best'); rerun `dvc repro report` or pass --model FILE / --variant NAME")
+        raise CxrError(
+            f"{summary} names no best variant (key 'best'); rerun `dvc repro report` or pass --model FILE / --variant NAME"
+        )
     return root / MODELS_DIR / f"{best}.keras"
 
 
@@ -148,7 +170,9 @@ def collect_images(paths: list[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            inside = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and _visible(p, path)]
+            inside = [
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and _visible(p, path)
+            ]
             found.extend(sorted(inside, key=lambda p: p.as_posix()))
         else:
             found.append(path)
@@ -167,7 +191,9 @@ def gradcam_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def gradcam_writer(paths: list[Path], out_dir: Path, cam: Any) -> tuple[Callable[[int, np.ndarray], None], dict[int, str]]:
+def gradcam_writer(
+    paths: list[Path], out_dir: Path, cam: Any
+) -> tuple[Callable[[int, np.ndarray], None], dict[int, str]]:
     """An `on_image` callback for `predict_files` writing one overlay per decoded image, and the
     {index: overlay path} it fills."""
     from cxr.evaluation.gradcam import overlay, write_overlay
@@ -204,7 +230,9 @@ def format_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["path"], lineterminator="\n")
     writer.writeheader()
     # repr keeps every digit, so the CSV parses back to the very float computed
-    writer.writerows({k: (repr(v) if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()} for r in rows)
+    writer.writerows(
+        {k: (repr(v) if isinstance(v, float) else ("" if v is None else v)) for k, v in r.items()} for r in rows
+    )
     return buf.getvalue()
 
 
@@ -218,7 +246,10 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if not paths:
         parser.error(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {', '.join(map(str, args.paths))}")
     # Grad-CAM needs the Keras graph's gradients; predictions then come from Keras too (same to 1e-4)
-    loaded = load_model(resolve_model(args.variant, args.model, project_root()), runtime="keras" if args.gradcam is not None else args.runtime)
+    loaded = load_model(
+        resolve_model(args.variant, args.model, project_root()),
+        runtime="keras" if args.gradcam is not None else args.runtime,
+    )
     if loaded.gate is None:
         print(
             f"note: no OOD gate beside {loaded.path} (models/<v>.ood.npz): no OUT_OF_DISTRIBUTION or UNCERTAIN labels; "
@@ -254,7 +285,9 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cxr.serving.serve import serve
 
-    serve(resolve_model(args.variant, args.model, project_root()), args.host, args.port, args.max_upload_mb, args.runtime)
+    serve(
+        resolve_model(args.variant, args.model, project_root()), args.host, args.port, args.max_upload_mb, args.runtime
+    )
     return 0
 
 

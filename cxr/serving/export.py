@@ -34,7 +34,11 @@ def to_litert(model: Any) -> bytes:
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     features = penultimate(model)
-    both = keras.Model(model.inputs, [model.outputs[0], keras.layers.Flatten(name="ood_features")(features.outputs[0])], name=f"{model.name}_export")
+    both = keras.Model(
+        model.inputs,
+        [model.outputs[0], keras.layers.Flatten(name="ood_features")(features.outputs[0])],
+        name=f"{model.name}_export",
+    )
     spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32, name="image")
 
     @tf.function(input_signature=[spec], autograph=False)
@@ -61,7 +65,9 @@ def output_names(interpreter: Any, x: np.ndarray, probability: np.ndarray) -> di
         out = interpreter.get_tensor(d["index"]).reshape(len(x), -1)
         key = "probability" if out.shape[1] == 1 and np.allclose(out[:, 0], probability, atol=1e-3) else "features"
         if key in names:
-            raise CxrError(f"cannot tell the exported model's outputs apart ({', '.join(d['name'] for d in interpreter.get_output_details())})")
+            raise CxrError(
+                f"cannot tell the exported model's outputs apart ({', '.join(d['name'] for d in interpreter.get_output_details())})"
+            )
         names[key] = d["name"]
     return names
 
@@ -101,7 +107,12 @@ def export_litert(loaded: Any, x: np.ndarray, tolerance: float = 1e-4) -> tuple[
         probe = Path(tmp) / "m.tflite"
         probe.write_bytes(blob)
         outputs = output_names(Interpreter(model_path=str(probe)), x[:2], keras_p[:2])
-        record = {"format": runtime.FORMAT, "source": loaded.path.name, "source_sha256": sha256_file(loaded.path), "outputs": outputs}
+        record = {
+            "format": runtime.FORMAT,
+            "source": loaded.path.name,
+            "source_sha256": sha256_file(loaded.path),
+            "outputs": outputs,
+        }
         (Path(tmp) / "m.tflite.json").write_text(json.dumps(record))
         lite_p, lite_f = runtime.LiteModel.load(Path(tmp) / "m.keras", loaded.image_size).run(x)
     diff = np.abs(lite_p - keras_p)
@@ -109,7 +120,9 @@ def export_litert(loaded: Any, x: np.ndarray, tolerance: float = 1e-4) -> tuple[
     # A probability within `tolerance` of the threshold may cross it by float rounding alone: such
     # a flip is recorded, not refused (|dp| of a few 1e-6 is what float32 kernels differ by).
     borderline = np.abs(keras_p - loaded.threshold) <= tolerance
-    same_label = np.array([a == b for a, b in zip(final_labels(loaded, keras_p, keras_f, x), final_labels(loaded, lite_p, lite_f, x))])
+    same_label = np.array(
+        [a == b for a, b in zip(final_labels(loaded, keras_p, keras_f, x), final_labels(loaded, lite_p, lite_f, x))]
+    )
     parity = {
         "format": runtime.FORMAT,
         "n_images": int(len(x)),

@@ -121,7 +121,9 @@ def load_model(path: Path | str, with_gate: bool = True, runtime: str = "keras")
         raise CxrError(f"{path}: not a .keras model file; pass models/<variant>.keras")
     exported = lite_path(path).is_file() and lite_meta_path(path).is_file()
     if runtime == "litert" and not exported:
-        raise CxrError(f"{lite_path(path)}: no exported model; run `dvc repro export@{path.stem}` or use the Keras runtime")
+        raise CxrError(
+            f"{lite_path(path)}: no exported model; run `dvc repro export@{path.stem}` or use the Keras runtime"
+        )
     if runtime == "auto":
         from cxr.serving import runtime as lite_runtime
 
@@ -157,7 +159,9 @@ def load_model(path: Path | str, with_gate: bool = True, runtime: str = "keras")
     features = penultimate(model)
     width = int(np.prod(features.outputs[0].shape[1:]))
     if width != len(gate.features.mean):
-        raise CxrError(f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the model has {width}; rerun `dvc repro ood@{path.stem}`")
+        raise CxrError(
+            f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the model has {width}; rerun `dvc repro ood@{path.stem}`"
+        )
     return LoadedModel(model=model, meta=meta, path=path, gate=gate, features=features)
 
 
@@ -176,7 +180,9 @@ def decode(path: Path | str, size: int, resize: str) -> tuple[np.ndarray, ImageF
         return f"{path}: {' '.join(str(exc).split())}"
 
 
-def _stack(decoded: list[tuple[np.ndarray, ImageFacts] | str], size: int) -> tuple[np.ndarray, list[ImageFacts], list[str | None]]:
+def _stack(
+    decoded: list[tuple[np.ndarray, ImageFacts] | str], size: int
+) -> tuple[np.ndarray, list[ImageFacts], list[str | None]]:
     good = [d for d in decoded if not isinstance(d, str)]
     x = np.stack([pixels for pixels, _ in good]) if good else np.zeros((0, size, size, 1), np.uint8)
     return x, [facts for _, facts in good], [d if isinstance(d, str) else None for d in decoded]
@@ -187,7 +193,9 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def load_images(paths: list[Path | str], size: int, resize: str) -> tuple[np.ndarray, list[ImageFacts], list[str | None]]:
+def load_images(
+    paths: list[Path | str], size: int, resize: str
+) -> tuple[np.ndarray, list[ImageFacts], list[str | None]]:
     """Decode every file (in parallel threads); returns the good images stacked (in order),
     their ImageFacts and, per path, None or the error."""
     with ThreadPoolExecutor(_workers()) as pool:
@@ -195,7 +203,10 @@ def load_images(paths: list[Path | str], size: int, resize: str) -> tuple[np.nda
 
 
 def predict_files(
-    paths: list[Path | str], loaded: LoadedModel, batch_size: int = 64, on_image: Callable[[int, np.ndarray], None] | None = None
+    paths: list[Path | str],
+    loaded: LoadedModel,
+    batch_size: int = 64,
+    on_image: Callable[[int, np.ndarray], None] | None = None,
 ) -> list[Prediction]:
     """Predict each file; a file that cannot be decoded gets `error` and the others still run.
 
@@ -230,7 +241,19 @@ def predict_files(
                 else:
                     why = reasons[good]
                     label = gate.label(prob, threshold, why)
-                    out.append(Prediction(str(paths[i]), prob, label, threshold, None, float(scores[good]), why is not None, why, **band))
+                    out.append(
+                        Prediction(
+                            str(paths[i]),
+                            prob,
+                            label,
+                            threshold,
+                            None,
+                            float(scores[good]),
+                            why is not None,
+                            why,
+                            **band,
+                        )
+                    )
                 if on_image is not None:
                     on_image(i, x[good])
                 good += 1

@@ -88,20 +88,36 @@ class LiteModel:
             meta = json.loads(meta_path.read_text())
             outputs = meta["outputs"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CxrError(f"{meta_path}: cannot read the export record ({' '.join(str(exc).split())[:120]}); {hint}") from None
+            raise CxrError(
+                f"{meta_path}: cannot read the export record ({' '.join(str(exc).split())[:120]}); {hint}"
+            ) from None
         if model_path.is_file() and meta.get("source_sha256") != sha256_file(model_path):
-            raise CxrError(f"{path}: exported from another {model_path.name} than the one beside it (stale export); {hint}")
+            raise CxrError(
+                f"{path}: exported from another {model_path.name} than the one beside it (stale export); {hint}"
+            )
         try:
             interpreter = Interpreter(model_path=str(path), num_threads=max(1, os.cpu_count() or 1))
         except (ValueError, RuntimeError, OSError) as exc:
-            raise CxrError(f"{path}: cannot load the LiteRT model ({' '.join(str(exc).split())[:160]}); {hint}") from None
+            raise CxrError(
+                f"{path}: cannot load the LiteRT model ({' '.join(str(exc).split())[:160]}); {hint}"
+            ) from None
         by_name = {d["name"]: d["index"] for d in interpreter.get_output_details()}
         if set(outputs.values()) - set(by_name) or {"probability", "features"} - set(outputs):
             raise CxrError(f"{path}: its outputs {sorted(by_name)} do not match {meta_path.name}; {hint}")
         inp = interpreter.get_input_details()[0]
         if tuple(inp["shape"][1:]) != (image_size, image_size, 1):
-            raise CxrError(f"{path}: input {tuple(inp['shape'][1:])} does not match the sidecar's image_size {image_size}; {hint}")
-        return cls(path, interpreter, inp["index"], by_name[outputs["probability"]], by_name[outputs["features"]], image_size, threading.Lock())
+            raise CxrError(
+                f"{path}: input {tuple(inp['shape'][1:])} does not match the sidecar's image_size {image_size}; {hint}"
+            )
+        return cls(
+            path,
+            interpreter,
+            inp["index"],
+            by_name[outputs["probability"]],
+            by_name[outputs["features"]],
+            image_size,
+            threading.Lock(),
+        )
 
     def features_width(self) -> int:
         shape = next(d["shape"] for d in self.interpreter.get_output_details() if d["index"] == self.features_index)
@@ -121,12 +137,16 @@ class LiteModel:
                 batch = np.ascontiguousarray(x[start : start + batch_size], np.float32)
                 if self.shape != batch.shape:  # a new batch size: reallocate (once per size)
                     it.resize_tensor_input(self.input_index, list(batch.shape))
-                    with _quiet_stderr() if self.shape is None else contextlib.nullcontext():  # the delegate's line comes with the first
+                    with (
+                        _quiet_stderr() if self.shape is None else contextlib.nullcontext()
+                    ):  # the delegate's line comes with the first
                         it.allocate_tensors()
                     self.shape = batch.shape
                 it.set_tensor(self.input_index, batch)
                 it.invoke()
-                probs.append(np.asarray(it.get_tensor(self.probability_index), np.float64).reshape(len(batch), -1)[:, 0])
+                probs.append(
+                    np.asarray(it.get_tensor(self.probability_index), np.float64).reshape(len(batch), -1)[:, 0]
+                )
                 feats.append(np.asarray(it.get_tensor(self.features_index), np.float64).reshape(len(batch), -1))
         if not probs:  # no image (e.g. every file of a batch unreadable): empty, with the features' width
             return np.zeros((0,), np.float64), np.zeros((0, self.features_width()), np.float64)

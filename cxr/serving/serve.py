@@ -102,7 +102,11 @@ class Service:
 
         try:
             # with the LiteRT runtime the Keras model is loaded for Grad-CAM alone (its gradients)
-            model = self.loaded.model if self.loaded.model is not None else load_model(self.loaded.path, with_gate=False).model
+            model = (
+                self.loaded.model
+                if self.loaded.model is not None
+                else load_model(self.loaded.path, with_gate=False).model
+            )
             return GradCam(model), None
         except (CxrError, ValueError) as exc:  # e.g. a model without convolutions
             return None, str(exc)
@@ -120,10 +124,14 @@ class Service:
             if size is None:
                 return 413, {"detail": f"{name}: over the upload limit of {self.max_upload_bytes:,} bytes"}
             if size == 0:
-                return 422, {"detail": f"{name}: empty file; send an X-ray image or DICOM file in the multipart field '{FIELD}'"}
+                return 422, {
+                    "detail": f"{name}: empty file; send an X-ray image or DICOM file in the multipart field '{FIELD}'"
+                }
             images: dict[int, np.ndarray] = {}  # the decoded pixels, for Grad-CAM without a second decode
             with self.lock:
-                (pred,) = predict_files([path], self.loaded, batch_size=1, on_image=images.__setitem__ if gradcam else None)
+                (pred,) = predict_files(
+                    [path], self.loaded, batch_size=1, on_image=images.__setitem__ if gradcam else None
+                )
                 heat, cam_error = self._heatmap(images[0]) if gradcam and pred.ok else (None, None)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -230,7 +238,9 @@ def create_app(service: Service) -> Any:
     )
     app.add_middleware(BodyLimit, limit=service.max_upload_bytes, drain=4 * service.max_upload_bytes)
     env = Environment(loader=FileSystemLoader(PAGE.parent), autoescape=select_autoescape(["html", "j2"]))
-    page = env.get_template(PAGE.name).render(info=service.info, intended_use=INTENDED_USE, field=FIELD, version=__version__)
+    page = env.get_template(PAGE.name).render(
+        info=service.info, intended_use=INTENDED_USE, field=FIELD, version=__version__
+    )
 
     @app.get("/", response_class=HTMLResponse, summary="The page: choose or drop an X-ray")
     def index() -> str:
@@ -242,12 +252,21 @@ def create_app(service: Service) -> Any:
 
     @app.get("/version", summary="cxr's version and the model served")
     def version() -> dict[str, Any]:
-        return {"cxr": __version__, **vars(service.info), "max_upload_bytes": service.max_upload_bytes, "intended_use": INTENDED_USE}
+        return {
+            "cxr": __version__,
+            **vars(service.info),
+            "max_upload_bytes": service.max_upload_bytes,
+            "intended_use": INTENDED_USE,
+        }
 
     @app.post(
         "/predict",
         summary="P(pneumonia), the label at the model's threshold, and optionally the Grad-CAM overlay",
-        responses={413: {"description": "upload too large"}, 415: {"description": "not a usable image"}, 422: {"description": "no file or an empty one"}},
+        responses={
+            413: {"description": "upload too large"},
+            415: {"description": "not a usable image"},
+            422: {"description": "no file or an empty one"},
+        },
     )
     def predict(
         file: UploadFile | None = File(None, description="an X-ray image (JPEG, PNG, ...) or a DICOM file"),  # noqa: B008 (FastAPI's idiom)
@@ -255,7 +274,10 @@ def create_app(service: Service) -> Any:
     ) -> JSONResponse:
         started = time.perf_counter()
         if file is None:
-            status, body = 422, {"detail": f"no file: send an X-ray image or DICOM file in the multipart field '{FIELD}'"}
+            status, body = (
+                422,
+                {"detail": f"no file: send an X-ray image or DICOM file in the multipart field '{FIELD}'"},
+            )
         else:
             status, body = service.predict(file.file, file.filename, gradcam)
         ms = 1000 * (time.perf_counter() - started)
@@ -268,7 +290,13 @@ def create_app(service: Service) -> Any:
     return app
 
 
-def serve(model_path: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, runtime: str = "auto") -> None:
+def serve(
+    model_path: Path,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    runtime: str = "auto",
+) -> None:
     """Load the model and serve it with uvicorn (one worker: one model, calls serialized) until interrupted."""
     import uvicorn
 

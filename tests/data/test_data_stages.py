@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_stage(cwd: Path, name: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py")], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / f"{name}.py")],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture
@@ -32,7 +39,14 @@ def project(tmp_path):
     from testkit.synth import Counts, write_tree
 
     raw = tmp_path / "data" / "raw" / "chest_xray"
-    write_tree(raw, {"train": Counts(normal=8, bacteria=8, virus=6, images_per_patient=2), "test": Counts(normal=4, bacteria=3, virus=3)}, size=(90, 70))
+    write_tree(
+        raw,
+        {
+            "train": Counts(normal=8, bacteria=8, virus=6, images_per_patient=2),
+            "test": Counts(normal=4, bacteria=3, virus=3),
+        },
+        size=(90, 70),
+    )
     # a duplicate of a test image inside train, and a broken file: both must be handled visibly
     test_img = sorted((raw / "test" / "NORMAL").iterdir())[0]
     shutil.copy(test_img, raw / "train" / "NORMAL" / "IM-0777-0001.jpeg")

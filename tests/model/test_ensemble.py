@@ -38,7 +38,12 @@ def _project(tmp_path, folds: int = 2) -> dict:
 
 def _run(tmp_path, *args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(
-        [sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+        [sys.executable, *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -61,7 +66,9 @@ def test_fold_models_and_their_ensemble(tmp_path):
     ens = load_model(tmp_path / "models" / "cnn_baseline_cv.keras")  # safe_mode loading, like every model
     assert ens.meta.model == "ensemble" and ens.meta.val.n == 16
     stressed = {shift: oof[f"p_{shift}"] for shift in STRESS_SHIFTS}
-    assert ens.meta.threshold == pytest.approx(choose_threshold(ens.meta.threshold_rule, oof["label"], oof["probability"], stressed))
+    assert ens.meta.threshold == pytest.approx(
+        choose_threshold(ens.meta.threshold_rule, oof["label"], oof["probability"], stressed)
+    )
     x = tiny_split(6, seed=9).x
     members = [keras.saving.load_model(cv / f"fold{k}.keras", safe_mode=True) for k in (0, 1)]
     mean = np.mean([predict_arrays(m, x) for m in members], axis=0)
@@ -70,7 +77,11 @@ def test_fold_models_and_their_ensemble(tmp_path):
     assert set(report["folds"]) == {"0", "1"} and report["all"]["n"] == 16
     # stress on out-of-fold images: every shift scored, at the ensemble's threshold
     stress = json.loads((tmp_path / "metrics" / "cnn_baseline_cv_stress.json").read_text())
-    assert set(stress["shifts"]) == {"clean", *STRESS_SHIFTS} and stress["n"] == 16 and stress["threshold"] == ens.meta.threshold
+    assert (
+        set(stress["shifts"]) == {"clean", *STRESS_SHIFTS}
+        and stress["n"] == 16
+        and stress["threshold"] == ens.meta.threshold
+    )
     assert stress["shifts"]["clean"]["roc_auc"] == pytest.approx(ens.meta.val.roc_auc)
 
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from cxr.core.errors import CxrError
-from cxr.model.architectures import backbone_preprocessing, build_model, find_backbone, freeze_batchnorm, last_conv_layer, make_backbone
+from cxr.model.architectures import (
+    backbone_preprocessing,
+    build_model,
+    find_backbone,
+    freeze_batchnorm,
+    last_conv_layer,
+    make_backbone,
+)
 from cxr.model.training import save_result, train_variant
 from cxr.serving.inference import predict_arrays as predict
 
@@ -42,7 +49,9 @@ def test_variant_trains_saves_and_reloads_safely(name, tmp_path):
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in reloaded.layers)
     assert reloaded.input_shape == (None, size, size, 1)
     if name == "modern":  # BatchNorm stayed in inference mode: moving means still at their initial 0
-        bns = [layer for layer in find_backbone(result.model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+        bns = [
+            layer for layer in find_backbone(result.model).layers if isinstance(layer, keras.layers.BatchNormalization)
+        ]
         assert bns and all(not np.any(layer.moving_mean.numpy()) for layer in bns)
 
 
@@ -73,7 +82,12 @@ def test_transfer_finetuned_unfreezes_only_last_conv_and_head(backbone, last_con
 
 @pytest.mark.parametrize(
     "backbone, alpha, last_conv",
-    [("vgg19", 1.0, "block5_conv4"), ("vgg16", 1.0, "block5_conv3"), ("mobilenet", 0.25, "conv_pw_13"), ("densenet121", 1.0, "conv5_block16_2_conv")],
+    [
+        ("vgg19", 1.0, "block5_conv4"),
+        ("vgg16", 1.0, "block5_conv3"),
+        ("mobilenet", 0.25, "conv_pw_13"),
+        ("densenet121", 1.0, "conv5_block16_2_conv"),
+    ],
 )
 def test_backbones_build_small_and_predict(backbone, alpha, last_conv):
     params = tiny_params(size=32, backbone=backbone, alpha=alpha)
@@ -87,7 +101,11 @@ def test_backbones_build_small_and_predict(backbone, alpha, last_conv):
 
 @pytest.mark.parametrize(
     "backbone, module",
-    [("vgg19", keras.applications.vgg19), ("mobilenet_v2", keras.applications.mobilenet_v2), ("densenet121", keras.applications.densenet)],
+    [
+        ("vgg19", keras.applications.vgg19),
+        ("mobilenet_v2", keras.applications.mobilenet_v2),
+        ("densenet121", keras.applications.densenet),
+    ],
 )
 def test_backbone_preprocessing_matches_keras(backbone, module):
     gray = tiny_split(2, size=8).x.astype("float32")
@@ -138,9 +156,24 @@ def _variant(params, name="cnn_baseline", **changes):
     "name, changes, transfer, expected",
     [
         ("cnn_baseline", {"image_size": 16}, {}, "variants.cnn_baseline.image_size: 16 px is too small"),
-        ("transfer_frozen", {}, {"weights": "missing/weights.h5"}, "transfer.weights: 'missing/weights.h5' is not an existing .h5 file"),
-        ("transfer_frozen", {}, {"weights": "imagenet", "alpha": 0.6}, "transfer.alpha: no ImageNet weights for mobilenet_v2 with alpha 0.6"),
-        ("modern", {"extra": {"trainable_from": "no_such_layer"}}, {}, "variants.modern.trainable_from: 'no_such_layer'"),
+        (
+            "transfer_frozen",
+            {},
+            {"weights": "missing/weights.h5"},
+            "transfer.weights: 'missing/weights.h5' is not an existing .h5 file",
+        ),
+        (
+            "transfer_frozen",
+            {},
+            {"weights": "imagenet", "alpha": 0.6},
+            "transfer.alpha: no ImageNet weights for mobilenet_v2 with alpha 0.6",
+        ),
+        (
+            "modern",
+            {"extra": {"trainable_from": "no_such_layer"}},
+            {},
+            "variants.modern.trainable_from: 'no_such_layer'",
+        ),
         (
             "transfer_finetuned",
             {"init_from": "nowhere/transfer_frozen.keras"},
@@ -167,9 +200,15 @@ def test_training_errors_name_the_parameter(params, splits):
     train, val = splits
     cases = [
         (_variant(params, epochs=0), "variants.cnn_baseline.epochs: must be a positive integer"),
-        (_variant(params, batch_size=9), "variants.cnn_baseline.batch_size: 9 is larger than the training set (8 images)"),
+        (
+            _variant(params, batch_size=9),
+            "variants.cnn_baseline.batch_size: 9 is larger than the training set (8 images)",
+        ),
         (_variant(params, image_size=64), "variants.cnn_baseline.image_size is 64; rerun `dvc repro preprocess`"),
-        (_variant(params, "transfer_features", augment=True), "variants.transfer_features.augment: transfer_features computes"),
+        (
+            _variant(params, "transfer_features", augment=True),
+            "variants.transfer_features.augment: transfer_features computes",
+        ),
     ]
     for variant, expected in cases:
         with pytest.raises(CxrError) as info:

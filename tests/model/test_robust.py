@@ -53,7 +53,9 @@ def test_tta_averages_the_fixed_views_and_keeps_the_identity_features(tmp_path):
     x = tiny_split(n=4).x
     reestimate_batchnorm(model, x)  # untrained statistics would leave every output at 0.5
     dense = model.get_layer("pneumonia")
-    dense.set_weights([np.random.default_rng(0).normal(0, 1, dense.kernel.shape).astype("float32"), np.zeros(1, "float32")])
+    dense.set_weights(
+        [np.random.default_rng(0).normal(0, 1, dense.kernel.shape).astype("float32"), np.zeros(1, "float32")]
+    )
     wrapped = tta_model(model)
     size = x.shape[1]
     by_hand = []
@@ -61,7 +63,9 @@ def test_tta_averages_the_fixed_views_and_keeps_the_identity_features(tmp_path):
         view = x.astype("float32")
         if crop is not None:
             (top, bottom), (left, right) = crop
-            view = tf.image.resize(view[:, top : size - bottom, left : size - right], (size, size), method="bilinear").numpy()
+            view = tf.image.resize(
+                view[:, top : size - bottom, left : size - right], (size, size), method="bilinear"
+            ).numpy()
         by_hand.append(predict_arrays(model, view))
     np.testing.assert_allclose(predict_arrays(wrapped, x), np.mean(by_hand, axis=0), atol=1e-6)
     assert not np.allclose(by_hand[0], by_hand[1])  # the views differ, so the test can fail

@@ -29,7 +29,19 @@ def val_summary(y, prob, threshold):
     return {k: m[k] for k in ("roc_auc", "accuracy", "sensitivity", "specificity", "n")}
 
 
-SIDECAR_KEYS = ["variant", "model", "image_size", "resize", "threshold", "threshold_rule", "val", "epochs_run", "train_seconds", "seed", "params"]
+SIDECAR_KEYS = [
+    "variant",
+    "model",
+    "image_size",
+    "resize",
+    "threshold",
+    "threshold_rule",
+    "val",
+    "epochs_run",
+    "train_seconds",
+    "seed",
+    "params",
+]
 
 
 def test_same_seed_gives_identical_weights_and_metrics(params, splits):
@@ -83,7 +95,11 @@ def test_sidecar_matches_the_saved_model_and_dvclive_files(params, splits, tmp_p
     result = train_variant(variant, params, *splits, live_dir=tmp_path / "live", verbose=0)
     meta = result.meta.to_dict()
     assert list(meta) == SIDECAR_KEYS
-    assert meta["variant"] == "transfer_features" and meta["image_size"] == SIZE and meta["threshold_rule"] == params.train.threshold_rule
+    assert (
+        meta["variant"] == "transfer_features"
+        and meta["image_size"] == SIZE
+        and meta["threshold_rule"] == params.train.threshold_rule
+    )
     assert meta["resize"] == params.preprocess.resize and meta["seed"] == params.seed
     assert meta["params"]["transfer"]["backbone"] == "mobilenet_v2" and meta["params"]["epochs"] == 2
     assert 1 <= meta["epochs_run"] <= 2 and meta["epochs_run"] == len(result.history["loss"])
@@ -115,7 +131,13 @@ def _tiny_project(tmp_path, **variant_changes):
 
 def test_stage_script_end_to_end(tmp_path):
     _tiny_project(tmp_path)
-    done = subprocess.run([sys.executable, str(ROOT / "stages" / "train.py"), "cnn_baseline"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "train.py"), "cnn_baseline"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "train@cnn_baseline:" in done.stdout and "Epoch 1/2" in done.stdout
     meta = json.loads((tmp_path / "models" / "cnn_baseline.json").read_text())
@@ -141,5 +163,7 @@ def test_stage_script_bad_param_fails_cleanly(tmp_path, monkeypatch, capsys):
         runpy.run_path(str(ROOT / "stages" / "train.py"), run_name="__main__")
     assert info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("error: params.yaml variants.cnn_baseline.batch_size: 64 is larger than the training set (8 images); lower it")
+    assert err[-1] == (
+        "error: params.yaml variants.cnn_baseline.batch_size: 64 is larger than the training set (8 images); lower it"
+    )
     assert not (tmp_path / "models").exists() and not [p for p in (tmp_path / "dvclive").rglob("*")]
