@@ -1,0 +1,98 @@
+"""Site-calibration learning curve: what a hospital gets from N local labelled images.
+
+    python stages/site_curve.py [MODEL]     # plots/MODEL/predictions.csv → metrics/site_curve.json
+
+MODEL defaults to `best` in metrics/summary.json. Reads only the committed test predictions
+(path, label, probability, predicted), so no model runs: for N in NS, DRAWS draws of whole
+patients stratified by class (cxr.evaluation.site_curve), a site threshold by each rule on
+them, scored on the test images of the other patients; the model's validation threshold is
+scored on the same held-out images for comparison. Deterministic for params.yaml `base.seed`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from cxr.core import params as cxr_params
+from cxr.core.constants import POSITIVE
+from cxr.core.errors import CxrError, run_main
+from cxr.core.io import write_json
+from cxr.evaluation.site_curve import PERCENTILES, learning_curve, patient_ids
+
+NS = [16, 32, 64, 128]
+DRAWS = 300
+RULES = ["sensitivity:0.97", "youden"]
+OUT = Path("metrics/site_curve.json")
+
+
+def model_name(argv: list[str]) -> str:
+    if len(argv) > 1:
+        return argv[1]
+    summary = Path("metrics/summary.json")
+    try:
+        return str(json.loads(summary.read_text())["best"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CxrError(f"{summary}: no `best` model to read; pass MODEL or run `dvc repro report`") from None
+
+
+def table(curve: dict, ns: list[int]) -> str:
+    """Per rule and N: mean (5–95%) of accuracy, sensitivity, specificity, in percent."""
+    lines = [f"{'rule':<17} {'N':>4} {'drawn':>5}  {'accuracy':<19} {'sensitivity':<19} {'specificity':<19}"]
+    for rule, per_n in curve.items():
+        for n in ns:
+            row = per_n[str(n)]
+            cells = [
+                f"{100 * row[m]['mean']:.1f} ({100 * row[m]['p5']:.1f}–{100 * row[m]['p95']:.1f})"
+                for m in ("accuracy", "sensitivity", "specificity")
+            ]
+            drawn = f"{row['n_calibration']['mean']:.0f}" if "n_calibration" in row else "-"
+            lines.append(f"{rule:<17} {n:>4} {drawn:>5}  " + " ".join(f"{c:<19}" for c in cells))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    name = model_name(sys.argv)
+    seed = cxr_params.load().seed
+    source = Path("plots") / name / "predictions.csv"
+    if not source.is_file():
+        raise CxrError(f"{source} not found; run `dvc repro evaluate@{name}` (or `dvc pull`)")
+    rows = pd.read_csv(source)
+    missing = {"path", "label", "probability", "predicted"} - set(rows.columns)
+    if missing:
+        raise CxrError(f"{source}: missing columns {sorted(missing)}; rerun `dvc repro evaluate@{name}`")
+    paths = rows["path"].astype(str).tolist()
+    curve = learning_curve(
+        rows["label"].to_numpy(),
+        rows["probability"].to_numpy(),
+        patient_ids(paths),
+        NS,
+        DRAWS,
+        RULES,
+        seed,
+        baseline=(rows["predicted"] == POSITIVE).to_numpy(),
+    )
+    write_json(
+        OUT,
+        {
+            "model": name,
+            "source": source.as_posix(),
+            "n_images": len(rows),
+            "n_patients": len(set(patient_ids(paths))),
+            "draws": DRAWS,
+            "seed": seed,
+            "percentiles": list(PERCENTILES),
+            "unit": "whole patients, stratified by class; scored on the images of the other patients",
+            "curve": curve,
+        },
+    )
+    print(table(curve, NS))
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
