@@ -301,6 +301,7 @@ def test_prediction_as_dict_round_trips_json():
         "probability": 0.25,
         "label": "NORMAL",
         "threshold": 0.5,
+        "threshold_source": "validation",
         "ood_score": None,
         "ood": None,
         "ood_reason": None,

@@ -10,6 +10,7 @@ With `models/<v>.ood.npz` beside the model (stage `ood@<v>`, cxr.evaluation.gate
 an OOD score and flag, and the label OUT_OF_DISTRIBUTION or UNCERTAIN where it applies.
 With `runtime="auto"` (`cxr predict`, `cxr serve`) the exported `models/<v>.tflite` (stage
 `export@<v>`, cxr.serving.runtime) runs instead of Keras when it is there, and TensorFlow is never imported.
+A site file (`cxr calibrate`, cxr.serving.site) replaces the sidecar's threshold and turns the refer band off.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr.core.constants import NEGATIVE, POSITIVE
+from cxr.core.constants import NEGATIVE, OUT_OF_DISTRIBUTION, POSITIVE
 from cxr.core.errors import CxrError
 from cxr.data.images import ImageFacts, load_resized_facts
 from cxr.data.pixels import ImageError
@@ -34,6 +35,17 @@ from cxr.model.forward import forward_arrays, predict_arrays
 from cxr.serving.runtime import LiteModel, lite_meta_path, lite_path
 
 RUNTIMES = ("auto", "keras", "litert")
+VALIDATION = "validation"  # threshold_source without a site file: the sidecar's threshold, chosen on validation
+
+
+@dataclass(frozen=True)
+class SiteThreshold:
+    """A site's own threshold (cxr.serving.site, `cxr calibrate`): it replaces the sidecar's, and
+    the refer band is off, since the band was fitted around the validation threshold."""
+
+    threshold: float
+    rule: str
+    file: str  # the site file, named in every answer's threshold_source
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class LoadedModel:
     gate: Gate | None = None  # models/<v>.ood.npz when present
     features: Any = None  # keras.Model: the penultimate features the gate scores
     lite: LiteModel | None = None  # models/<v>.tflite: probability and features in one pass
+    site: SiteThreshold | None = None  # cxr.serving.site.apply_site
 
     @property
     def runtime(self) -> str:
@@ -69,7 +82,11 @@ class LoadedModel:
 
     @property
     def threshold(self) -> float:
-        return self.meta.threshold
+        return self.meta.threshold if self.site is None else self.site.threshold
+
+    @property
+    def threshold_source(self) -> str:
+        return VALIDATION if self.site is None else f"site:{self.site.file}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,7 @@ class Prediction:
     ood_reason: str | None = None
     refer_low: float | None = None  # the UNCERTAIN band: refer_low < probability < refer_high
     refer_high: float | None = None
+    threshold_source: str = VALIDATION  # or site:<file> (cxr.serving.site)
 
     @property
     def ok(self) -> bool:
@@ -97,6 +115,7 @@ class Prediction:
             "probability": self.probability,
             "label": self.label,
             "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
             "ood_score": self.ood_score,
             "ood": self.ood,
             "ood_reason": self.ood_reason,
@@ -218,7 +237,10 @@ def predict_files(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     size, resize, threshold, gate = loaded.image_size, loaded.resize, loaded.threshold, loaded.gate
-    band = {"refer_low": gate.refer_low, "refer_high": gate.refer_high} if gate is not None else {}
+    band = (
+        {"refer_low": gate.refer_low, "refer_high": gate.refer_high} if gate is not None and loaded.site is None else {}
+    )
+    band["threshold_source"] = loaded.threshold_source  # every row says where its threshold came from
     chunks = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
     out: list[Prediction] = []
     with ThreadPoolExecutor(_workers()) as pool:
@@ -237,10 +259,13 @@ def predict_files(
                     continue
                 prob = float(probs[good])
                 if gate is None:
-                    out.append(Prediction(str(paths[i]), prob, label_of(prob, threshold), threshold))
+                    out.append(Prediction(str(paths[i]), prob, label_of(prob, threshold), threshold, **band))
                 else:
                     why = reasons[good]
-                    label = gate.label(prob, threshold, why)
+                    if loaded.site is None:
+                        label = gate.label(prob, threshold, why)
+                    else:  # a site threshold: no refer band (SiteThreshold)
+                        label = OUT_OF_DISTRIBUTION if why is not None else label_of(prob, threshold)
                     out.append(
                         Prediction(
                             str(paths[i]),
