@@ -3,6 +3,8 @@
     cxr predict IMAGE_OR_FOLDER... [--variant NAME | --model FILE] [--format table|json|csv]
                 [--gradcam DIR] [--batch-size N] [--strict] [--verbose]
     cxr serve [--variant NAME | --model FILE] [--host 127.0.0.1] [--port 8000] [--max-upload-mb N]
+    cxr calibrate IMAGES_DIR_OR_CSV [--variant NAME | --model FILE] [--rule sensitivity:0.97|youden]
+                  [--out site.json] [--min-per-class 8]
 
 `predict` prints P(pneumonia), the label at the model's validation threshold and the threshold
 for every image (folders are searched recursively; DICOM is read too, see cxr.data.dicom). With the model's OOD gate beside it
@@ -15,6 +17,11 @@ metrics/summary.json of the project (the nearest folder upwards holding dvc.yaml
 
 `serve` puts the same model and prediction path behind an HTTP service and a page (cxr.serving.serve):
 POST /predict answers exactly what `predict` prints for the uploaded file.
+
+`calibrate` sets a site's own threshold on its labelled images (a folder with NORMAL/ and
+PNEUMONIA/, or a CSV of path,label) by a declared rule and writes a site file; `predict --site
+FILE` and `serve --site FILE` then use that threshold instead of the model's, with the refer band
+off (cxr.serving.site). Every answer says where its threshold came from (threshold_source).
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--strict", action="store_true", help="exit 1 when some image is OUT_OF_DISTRIBUTION")
     p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
+    p.add_argument("--site", metavar="FILE", type=Path, help=SITE_HELP)
     p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     p.set_defaults(run=predict_command, subparser=p)
 
@@ -118,9 +126,66 @@ def build_parser() -> argparse.ArgumentParser:
         default=64.0,
         help="refuse uploads over N MiB with 413 (default 64)",
     )
+    s.add_argument("--site", metavar="FILE", type=Path, help=SITE_HELP)
     s.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     s.set_defaults(run=serve_command, subparser=s)
+    add_calibrate_parser(sub)
     return parser
+
+
+SITE_HELP = "use the threshold of this site file (cxr calibrate) instead of the model's; the refer band is then off"
+
+
+def site_rule(text: str) -> str:
+    """argparse type: youden or sensitivity:<target in (0, 1]> (cxr.evaluation.site_curve.check_site_rule, not
+    imported here: the CLI starts fast)."""
+    kind, _, target = text.partition(":")
+    try:
+        ok = text == "youden" or (kind == "sensitivity" and 0 < float(target) <= 1)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected youden or sensitivity:<target in (0, 1]>, got {text!r}")
+    return text
+
+
+def add_calibrate_parser(sub: Any) -> None:
+    c = sub.add_parser(
+        "calibrate",
+        help="set a site's own threshold on its labelled images and write a site file",
+        description=__doc__.split("\n\n")[4],
+    )
+    c.add_argument(
+        "source",
+        metavar="IMAGES_DIR_OR_CSV",
+        type=Path,
+        help="a folder with NORMAL/ and PNEUMONIA/, or a CSV path,label",
+    )
+    which = c.add_mutually_exclusive_group()
+    which.add_argument("--variant", metavar="NAME", help="use models/NAME.keras of the project")
+    which.add_argument(
+        "--model", metavar="FILE", type=Path, help="use this .keras file (its .json sidecar must sit next to it)"
+    )
+    c.add_argument(
+        "--rule",
+        type=site_rule,
+        default="sensitivity:0.97",
+        help="sensitivity:<target> (default sensitivity:0.97: the highest threshold reaching it) or youden",
+    )
+    c.add_argument("--out", metavar="FILE", type=Path, default=Path("site.json"), help="site file (default site.json)")
+    c.add_argument(
+        "--min-per-class",
+        metavar="N",
+        type=positive_int,
+        default=8,
+        help="refuse below N images of a class (default 8)",
+    )
+    c.add_argument(
+        "--batch-size", metavar="N", type=positive_int, default=64, help="images per model call (default: 64)"
+    )
+    c.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto", help=RUNTIME_HELP)
+    c.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    c.set_defaults(run=calibrate_command, subparser=c)
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -210,7 +275,11 @@ def gradcam_writer(
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     width = max([len("path")] + [len(r["path"]) for r in rows])
-    lines = [f"{'path':<{width}}  {'probability':>11}  {'label':<19}  {'threshold':>9}  {'ood_score':>9}"]
+    # a site threshold is named once, above the table (JSON and CSV carry it per row)
+    sources = sorted({r.get("threshold_source", "validation") for r in rows} - {"validation"})
+    lines = [f"threshold_source: {s}" for s in sources] + [
+        f"{'path':<{width}}  {'probability':>11}  {'label':<19}  {'threshold':>9}  {'ood_score':>9}"
+    ]
     for r in rows:
         prob = "-" if r["probability"] is None else f"{r['probability']:.4f}"
         score = "-" if r.get("ood_score") is None else f"{r['ood_score']:.2f}"
@@ -250,6 +319,15 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         resolve_model(args.variant, args.model, project_root()),
         runtime="keras" if args.gradcam is not None else args.runtime,
     )
+    if args.site is not None:
+        from cxr.serving.site import apply_site
+
+        loaded, cal = apply_site(loaded, args.site)
+        print(
+            f"note: threshold {cal.threshold:.4f} from site file {args.site} ({cal.rule}, "
+            f"{cal.n_normal}+{cal.n_pneumonia} images); refer band off",
+            file=sys.stderr,
+        )
     if loaded.gate is None:
         print(
             f"note: no OOD gate beside {loaded.path} (models/<v>.ood.npz): no OUT_OF_DISTRIBUTION or UNCERTAIN labels; "
@@ -286,7 +364,31 @@ def serve_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     from cxr.serving.serve import serve
 
     serve(
-        resolve_model(args.variant, args.model, project_root()), args.host, args.port, args.max_upload_mb, args.runtime
+        resolve_model(args.variant, args.model, project_root()),
+        args.host,
+        args.port,
+        args.max_upload_mb,
+        args.runtime,
+        site=args.site,
+    )
+    return 0
+
+
+def calibrate_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from cxr.serving.inference import load_model
+    from cxr.serving.site import calibrate, check_counts, check_out, read_labelled, summary, write_site
+
+    model = resolve_model(args.variant, args.model, project_root())
+    check_out(args.out, model)  # refusals first, before the model loads
+    items = read_labelled(args.source, lambda folder: collect_images([folder]))
+    check_counts(items, args.min_per_class, args.source)
+    loaded = load_model(model, runtime=args.runtime)
+    cal, _ = calibrate(items, loaded, args.rule, args.min_per_class, args.source, batch_size=args.batch_size)
+    write_site(cal, args.out, model)
+    sys.stdout.write(summary(cal))
+    print(
+        f"wrote {args.out}: use it with `cxr predict --site {args.out}` or `cxr serve --site {args.out}`",
+        file=sys.stderr,
     )
     return 0
 

@@ -1,6 +1,6 @@
 """`cxr serve`: the model behind an HTTP service (FastAPI on uvicorn) and a one-page front end.
 
-    cxr serve [--variant NAME | --model FILE] [--host 127.0.0.1] [--port 8000] [--max-upload-mb N]
+    cxr serve [--variant NAME | --model FILE] [--host 127.0.0.1] [--port 8000] [--max-upload-mb N] [--site FILE]
 
 Endpoints: `GET /` (the page: choose or drop an X-ray, see P(pneumonia), the label, the Grad-CAM
 overlay), `POST /predict` (multipart field `file`: an image or DICOM; `?gradcam=true` adds the
@@ -61,6 +61,7 @@ class ModelInfo:
     threshold_rule: str
     ood_gate: bool
     runtime: str  # keras | litert (the export, cxr.serving.runtime)
+    threshold_source: str = "validation"  # or site:<file> with --site (cxr.serving.site)
 
 
 def safe_name(filename: str | None) -> str:
@@ -86,10 +87,11 @@ class Service:
             model_sha256=sha256_file(model_path),
             variant=meta.variant,
             image_size=meta.image_size,
-            threshold=meta.threshold,
-            threshold_rule=meta.threshold_rule,
+            threshold=loaded.threshold,  # a site file's when there is one
+            threshold_rule=meta.threshold_rule if loaded.site is None else loaded.site.rule,
             ood_gate=loaded.gate is not None,
             runtime=loaded.runtime,
+            threshold_source=loaded.threshold_source,
         )
         self.lock = threading.Lock()
         self.workdir = Path(tempfile.mkdtemp(prefix="cxr-serve-"))  # mode 0700: uploads stay private
@@ -296,21 +298,28 @@ def serve(
     port: int = DEFAULT_PORT,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     runtime: str = "auto",
+    site: Path | None = None,
 ) -> None:
     """Load the model and serve it with uvicorn (one worker: one model, calls serialized) until interrupted."""
     import uvicorn
 
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
-    service = Service(load_model(model_path, runtime=runtime), Path(model_path), int(max_upload_mb * 1024 * 1024))
+    loaded = load_model(model_path, runtime=runtime)
+    if site is not None:
+        from cxr.serving.site import apply_site
+
+        loaded, _ = apply_site(loaded, site)
+    service = Service(loaded, Path(model_path), int(max_upload_mb * 1024 * 1024))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
     info = service.info
     log.info(
-        "model %s (sha256 %s, %s), threshold %.4f, OOD gate %s",
+        "model %s (sha256 %s, %s), threshold %.4f (%s), OOD gate %s",
         info.model,
         info.model_sha256[:12],
         info.runtime,
         info.threshold,
+        info.threshold_source,
         "yes" if info.ood_gate else "no",
     )
     log.info("page http://%s:%d/  API docs http://%s:%d/docs", host, port, host, port)
