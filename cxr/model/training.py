@@ -19,6 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.utils.class_weight import compute_class_weight
 
@@ -28,7 +29,7 @@ from cxr.core.params import BACKBONE_MODELS, MODEL_EXTRAS, Params, VariantParams
 from cxr.data.cache import CachedSplit
 from cxr.evaluation.metrics import binary_metrics, choose_threshold
 from cxr.evaluation.stress import stress_probabilities
-from cxr.model.architectures import backbone_features, build_model, compose, feature_head
+from cxr.model.architectures import backbone_features, build_model, compose, feature_head, linear_head, pooled_features
 from cxr.model.distribute import configure_precision, get_strategy, global_batch_size, shard_by_data
 from cxr.model.forward import forward_arrays, predict_arrays
 from cxr.model.robust import reestimate_batchnorm, tta_model
@@ -325,6 +326,40 @@ def fit_on_features(
     return model, history, predict_arrays(model, val.x)
 
 
+def fit_linear_probe(variant: VariantParams, params: Params, train: CachedSplit, val: CachedSplit, live: Any) -> Fitted:
+    """MedMNIST+'s linear probe: the frozen backbone's pooled features once, then an L2-regularised
+    logistic regression (balanced class weights, as every variant trains) for each of
+    `c_values`, the one with the highest validation ROC AUC kept. Features are standardised on the
+    training images; the scaling is folded into the composed model's last Dense unit, so the saved
+    model is pixels → backbone → one sigmoid unit like any other. lbfgs has no randomness.
+    Returns (model, history with one entry per C, val_prob)."""
+    extractor = pooled_features(variant, variant.backbone(params.transfer))
+    f_train = forward_arrays(extractor, train.x).astype(np.float64)
+    f_val = forward_arrays(extractor, val.x).astype(np.float64)
+    mean, scale = f_train.mean(axis=0), f_train.std(axis=0) + 1e-6
+    z_train, z_val = (f_train - mean) / scale, (f_val - mean) / scale
+    fits, aucs = [], []
+    for c in variant.option("c_values"):
+        fit = LogisticRegression(C=float(c), class_weight="balanced", max_iter=5000).fit(z_train, train.y)
+        fits.append(fit)
+        aucs.append(float(roc_auc_score(val.y, fit.decision_function(z_val))))
+        if live is not None:
+            live.log_metric("val_roc_auc", aucs[-1])
+            live.log_metric("log10_C", float(np.log10(c)))
+            live.next_step()
+    best = fits[int(np.argmax(aucs))]  # the first of equal AUCs: the strongest regularisation
+    weights = best.coef_[0] / scale
+    head = linear_head(f_train.shape[1])
+    head.layers[-1].set_weights(
+        [weights[:, None].astype(np.float32), np.array([best.intercept_[0] - weights @ mean], np.float32)]
+    )
+    model = compose(extractor, head, variant.name)
+    history = keras.callbacks.History()
+    history.epoch = list(range(len(fits)))
+    history.history = {"val_roc_auc": aucs, "C": [float(c) for c in variant.option("c_values")]}
+    return model, history, predict_arrays(model, val.x)
+
+
 def train_variant(
     variant: VariantParams,
     params: Params,
@@ -345,7 +380,10 @@ def train_variant(
     fit = fit_on_features if variant.model == "transfer_features" else fit_end_to_end
     with open_live(live_dir) as live:
         start = time.perf_counter()
-        model, history, val_prob = fit(variant, params, train, val, epochs, callbacks(params, live), verbose)
+        if variant.model == "linear_probe":
+            model, history, val_prob = fit_linear_probe(variant, params, train, val, live)
+        else:
+            model, history, val_prob = fit(variant, params, train, val, epochs, callbacks(params, live), verbose)
         if variant.option("tta"):
             # trained as usual, then averaged over fixed views; threshold and stress see the average
             model = tta_model(model)
