@@ -6,7 +6,7 @@ Copies the full-resolution originals in ../shared/data/raw_sample (16 files, 850
 temporary folder, repeated to --images files (real copies on disk, read once beforehand so the
 page cache is warm and equally fair to every method), and times, in alternation:
 
-  decode_all                 stages/preprocess.decode_all with params.yaml's workers (2): the stage's own code
+  decode_all                 cxr.data.preprocess.decode_all with params.yaml's workers (2): the stage's own code
   load_resized, 1 process    cxr.data.images.load_resized file after file (what one core does)
   plain PIL, 1 process       Image.open → convert('L') → resize to each size (bilinear, no draft)
   plain PIL, N processes     the same plain function inside decode_all's own Pool (load_resized swapped
@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # decode_all's progress bar: no clut
 
 from PIL import Image  # noqa: E402
 
-import stages.preprocess as preprocess  # noqa: E402
 from cxr.core import params as cxr_params  # noqa: E402
+from cxr.data import preprocess  # noqa: E402
 from cxr.data.images import load_resized  # noqa: E402
 
 GOAL_IPS = 150.0
@@ -74,7 +75,7 @@ def sequential(fn: Any, paths: list[str], sizes: list[int], mode: str) -> dict[i
 
 
 def decode_all_with(fn: Any, paths: list[str], sizes: list[int], mode: str, workers: int) -> dict[int, np.ndarray]:
-    """stages/preprocess.decode_all with its per-file function swapped for `fn` (fork keeps the swap)."""
+    """cxr.data.preprocess.decode_all with its per-file function swapped for `fn` (fork keeps the swap)."""
     real = preprocess.load_resized
     preprocess.load_resized = fn
     try:
@@ -85,7 +86,7 @@ def decode_all_with(fn: Any, paths: list[str], sizes: list[int], mode: str, work
 
 # ----------------------------------------------------------------------------- a candidate
 
-# Candidate change to stages/preprocess.decode_all, timed here under --candidates only: workers
+# Candidate change to cxr.data.preprocess.decode_all, timed here under --candidates only: workers
 # write straight into shared output arrays and send back nothing but the index, instead of
 # pickling every {size: array} back to the parent, which unpickles and copies it again.
 _SHARED: dict[int, np.ndarray] = {}
@@ -182,7 +183,7 @@ def write_cost(arrays: dict[int, np.ndarray], n: int) -> float:
 # ----------------------------------------------------------------------------- main
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=400, help="files to decode per run (default 400)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per method; the median is reported")
@@ -199,45 +200,100 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.images, args.repeats, args.profile = 128, 1, True
+    return args
 
-    params = cxr_params.load(ROOT / "params.yaml")
-    sizes, mode = params.image_sizes, params.preprocess.resize
-    workers = args.workers or params.preprocess.workers
-    before = machine_info()
 
+def methods_to_time(
+    paths: list[str], sizes: list[int], mode: str, workers: int, candidates: bool
+) -> dict[str, Callable[[], dict[int, np.ndarray]]]:
+    """Name → run, in table order: the real code first, sequential load_resized second (the pixel
+    reference), the plain-PIL baselines, then any candidate."""
+    methods = {
+        f"decode_all ({workers} workers, real stage code)": lambda: preprocess.decode_all(paths, sizes, mode, workers),
+        "load_resized, 1 process": lambda: sequential(load_resized, paths, sizes, mode),
+        "plain PIL (no draft), 1 process": lambda: sequential(plain_load, paths, sizes, mode),
+        f"plain PIL (no draft), {workers} processes": lambda: decode_all_with(plain_load, paths, sizes, mode, workers),
+    }
+    if candidates:
+        methods[f"candidate: decode_all, shared-memory results ({workers} workers)"] = lambda: decode_all_shared(
+            paths, sizes, mode, workers
+        )
+    return methods
+
+
+def time_methods(
+    methods: dict[str, Callable[[], dict[int, np.ndarray]]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, dict[int, np.ndarray]]]:
+    """Wall seconds and CPU seconds (children included) of every run, and each method's last output."""
+    seconds: dict[str, list[float]] = {k: [] for k in methods}
+    cpu: dict[str, list[float]] = {k: [] for k in methods}
+    outputs: dict[str, dict[int, np.ndarray]] = {}
+    for _ in range(repeats):
+        for name, fn in methods.items():  # alternate, so background load hits every method alike
+            c0 = time.process_time() + children_cpu()
+            s, outputs[name] = timed(fn)
+            cpu[name].append(time.process_time() + children_cpu() - c0)
+            seconds[name].append(s)
+    return seconds, cpu, outputs
+
+
+def method_figures(seconds: list[float], cpu: list[float], n: int, procs: int) -> dict[str, Any]:
+    """One method's row: throughput at the median, every run, CPU per image and what it allows."""
+    med = float(np.median(seconds))
+    return {
+        "images_per_s": round(n / med, 1),
+        "seconds_median": round(med, 3),
+        "seconds_all": [round(x, 3) for x in seconds],
+        "cpu_ms_per_image": round(1000 * float(np.median(cpu)) / n, 2),
+        # what the CPU time allows when the processes get a whole core each (the machine is shared)
+        "cpu_bound_images_per_s": round(min(procs, os.cpu_count() or 1) * n / float(np.median(cpu)), 1),
+    }
+
+
+def add_comparisons(result: dict[str, Any], names: list[str]) -> None:
+    """The real code's throughput, the goal, and its speed-ups over the plain-PIL baselines."""
+    real_ips = result["methods"][names[0]]["images_per_s"]
+    result["decode_all_images_per_s"] = real_ips
+    result["goal_met"] = real_ips >= GOAL_IPS
+    result["speedup_vs_plain_same_processes"] = round(real_ips / result["methods"][names[3]]["images_per_s"], 2)
+    result["speedup_vs_plain_1_process"] = round(real_ips / result["methods"][names[2]]["images_per_s"], 2)
+
+
+def add_profile(
+    result: dict[str, Any], paths: list[str], sizes: list[int], mode: str, workers: int, decoded: dict[int, np.ndarray]
+) -> None:
+    """--profile: where load_resized's time goes, the Pool/IPC path alone, and the cache write."""
+    n = len(paths)
+    result["profile"] = profile_decoder(paths, sizes, mode)
+    ipc_s, _ = timed(lambda: decode_all_with(ready_arrays, paths, sizes, mode, workers))
+    pool_s, _ = timed(lambda: decode_all_with(ready_arrays, paths[:1], sizes, mode, workers))
+    write_s = write_cost(decoded, n)
+    result["ipc_only"] = {
+        "what": "decode_all with a worker that returns ready arrays: Pool start + pickling + transfer + assembly",
+        "images_per_s": round(n / ipc_s, 1),
+        "ms_per_image": round(1000 * ipc_s / n, 3),
+        "pool_start_and_stop_s": round(pool_s, 3),
+        "bytes_per_image": int(sum(s * s for s in sizes)),
+    }
+    result["write"] = {
+        "what": "cxr.data.cache.write_split of every size (np.save + csv, fsync)",
+        "ms_per_image": round(1000 * write_s / n, 3),
+    }
+
+
+def same_pixels(a: dict[int, np.ndarray], b: dict[int, np.ndarray], sizes: list[int]) -> bool:
+    return all(np.array_equal(a[s], b[s]) for s in sizes)
+
+
+def measure(args: argparse.Namespace, sizes: list[int], mode: str, workers: int) -> dict[str, Any]:
+    """Time every method on fresh copies of the samples; the result without the machine facts."""
     with tempfile.TemporaryDirectory(prefix="bench-preprocess-") as tmp:
         paths, total_bytes = make_inputs(Path(tmp), args.images)
         n = len(paths)
-        methods = {
-            f"decode_all ({workers} workers, real stage code)": lambda: preprocess.decode_all(
-                paths, sizes, mode, workers
-            ),
-            "load_resized, 1 process": lambda: sequential(load_resized, paths, sizes, mode),
-            "plain PIL (no draft), 1 process": lambda: sequential(plain_load, paths, sizes, mode),
-            f"plain PIL (no draft), {workers} processes": lambda: decode_all_with(
-                plain_load, paths, sizes, mode, workers
-            ),
-        }
-        if args.candidates:
-            methods[f"candidate: decode_all, shared-memory results ({workers} workers)"] = lambda: decode_all_shared(
-                paths, sizes, mode, workers
-            )
-        seconds: dict[str, list[float]] = {k: [] for k in methods}
-        cpu: dict[str, list[float]] = {k: [] for k in methods}
-        outputs: dict[str, dict[int, np.ndarray]] = {}
-        for _ in range(args.repeats):
-            for name, fn in methods.items():  # alternate, so background load hits every method alike
-                c0 = time.process_time() + children_cpu()
-                s, outputs[name] = timed(fn)
-                cpu[name].append(time.process_time() + children_cpu() - c0)
-                seconds[name].append(s)
-        real_name, seq_name = list(methods)[:2]
-        same_pixels = all(np.array_equal(outputs[real_name][s], outputs[seq_name][s]) for s in sizes)
-        candidates_same = {
-            name: all(np.array_equal(outputs[name][s], outputs[seq_name][s]) for s in sizes)
-            for name in list(methods)[4:]
-        }
-
+        methods = methods_to_time(paths, sizes, mode, workers, args.candidates)
+        seconds, cpu, outputs = time_methods(methods, args.repeats)
+        names = list(methods)
+        real_name, seq_name = names[:2]
         result: dict[str, Any] = {
             "images": n,
             "distinct_originals": len(sample_files()),
@@ -249,49 +305,23 @@ def main() -> int:
             "page_cache": "warm (every copy read once before timing)",
             "goal_images_per_s": GOAL_IPS,
             "methods": {},
-            "decode_all_matches_sequential_pixels": same_pixels,
-            "candidates_match_sequential_pixels": candidates_same,
+            "decode_all_matches_sequential_pixels": same_pixels(outputs[real_name], outputs[seq_name], sizes),
+            "candidates_match_sequential_pixels": {
+                name: same_pixels(outputs[name], outputs[seq_name], sizes) for name in names[4:]
+            },
         }
-        for name in methods:
-            med = float(np.median(seconds[name]))
-            result["methods"][name] = {
-                "images_per_s": round(n / med, 1),
-                "seconds_median": round(med, 3),
-                "seconds_all": [round(x, 3) for x in seconds[name]],
-                "cpu_ms_per_image": round(1000 * float(np.median(cpu[name])) / n, 2),
-            }
-            # what the CPU time allows when the processes get a whole core each (the machine is shared)
+        for name in names:
             procs = 1 if name.endswith("1 process") else workers
-            result["methods"][name]["cpu_bound_images_per_s"] = round(
-                min(procs, os.cpu_count() or 1) * n / float(np.median(cpu[name])), 1
-            )
-        real_ips = result["methods"][real_name]["images_per_s"]
-        result["decode_all_images_per_s"] = real_ips
-        result["goal_met"] = real_ips >= GOAL_IPS
-        result["speedup_vs_plain_same_processes"] = round(
-            real_ips / result["methods"][list(methods)[3]]["images_per_s"], 2
-        )
-        result["speedup_vs_plain_1_process"] = round(real_ips / result["methods"][list(methods)[2]]["images_per_s"], 2)
-
+            result["methods"][name] = method_figures(seconds[name], cpu[name], n, procs)
+        add_comparisons(result, names)
         if args.profile:
-            result["profile"] = profile_decoder(paths, sizes, mode)
-            ipc_s, _ = timed(lambda: decode_all_with(ready_arrays, paths, sizes, mode, workers))
-            pool_s, _ = timed(lambda: decode_all_with(ready_arrays, paths[:1], sizes, mode, workers))
-            write_s = write_cost(outputs[real_name], n)
-            result["ipc_only"] = {
-                "what": "decode_all with a worker that returns ready arrays: Pool start + pickling + transfer + assembly",
-                "images_per_s": round(n / ipc_s, 1),
-                "ms_per_image": round(1000 * ipc_s / n, 3),
-                "pool_start_and_stop_s": round(pool_s, 3),
-                "bytes_per_image": int(sum(s * s for s in sizes)),
-            }
-            result["write"] = {
-                "what": "cxr.data.cache.write_split of every size (np.save + csv, fsync)",
-                "ms_per_image": round(1000 * write_s / n, 3),
-            }
+            add_profile(result, paths, sizes, mode, workers, outputs[real_name])
+    return result
 
-    result["machine_before"] = before
-    after = machine_info()
+
+def print_report(result: dict[str, Any], before: dict[str, Any], profile: bool) -> None:
+    """The table and the one-line findings."""
+    real_name = next(iter(result["methods"]))
     rows = []
     for name, m in result["methods"].items():
         note = ""
@@ -308,16 +338,16 @@ def main() -> int:
             )
         )
     print(
-        f"{n} files ({result['input_mb']} MB, copies of {result['distinct_originals']} originals) → sizes {sizes} ({mode}); {machine_line(before)}"
+        f"{result['images']} files ({result['input_mb']} MB, copies of {result['distinct_originals']} originals) → sizes {result['sizes']} ({result['resize']}); {machine_line(before)}"
     )
     print(table(["method", "images/s", "median s", "CPU ms/img", "CPU-bound img/s", "note"], rows, "lrrrrl"))
     print(
-        f"decode_all is {result['speedup_vs_plain_same_processes']}x plain PIL with the same {workers} processes, "
-        f"{result['speedup_vs_plain_1_process']}x plain PIL in 1 process; pixels equal to sequential load_resized: {same_pixels}"
+        f"decode_all is {result['speedup_vs_plain_same_processes']}x plain PIL with the same {result['workers']} processes, "
+        f"{result['speedup_vs_plain_1_process']}x plain PIL in 1 process; pixels equal to sequential load_resized: {result['decode_all_matches_sequential_pixels']}"
     )
     for name, same in result["candidates_match_sequential_pixels"].items():
         print(f"{name}: pixels equal to load_resized: {same}")
-    if args.profile:
+    if profile:
         p = result["profile"]
         print(
             "load_resized, 1 process, cProfile own time per image (ms): "
@@ -328,6 +358,18 @@ def main() -> int:
             f"Pool + pickling + assembly alone: {ipc['ms_per_image']:.2f} ms/image ({ipc['images_per_s']:.0f} images/s; pool start+stop {ipc['pool_start_and_stop_s']:.2f} s); "
             f"writing the cache: {result['write']['ms_per_image']:.2f} ms/image"
         )
+
+
+def main() -> int:
+    args = parse_args()
+    params = cxr_params.load(ROOT / "params.yaml")
+    sizes, mode = params.image_sizes, params.preprocess.resize
+    workers = args.workers or params.preprocess.workers
+    before = machine_info()
+    result = measure(args, sizes, mode, workers)
+    result["machine_before"] = before
+    after = machine_info()
+    print_report(result, before, args.profile)
     print(f"load average after: {after['load_average_1_5_15']}")
     path = write_result("preprocess", result, after)
     print(f"wrote {path.relative_to(ROOT)}")

@@ -4,7 +4,7 @@
 
 Benchmarks (NAME), each its own script run as a subprocess, or a reader of the pipeline's outputs:
   fetch       bench/bench_fetch.py       bytes sent ÷ compressed chest_xray size over a loopback Range server
-  preprocess  bench/bench_preprocess.py  stages/preprocess.decode_all on full-resolution JPEGs, vs plain PIL
+  preprocess  bench/bench_preprocess.py  cxr.data.preprocess.decode_all on full-resolution JPEGs, vs plain PIL
   training    reads models/<v>.json (train_seconds, epochs_run) and metrics/summary.json
   repro       bench/bench_repro.py       no-op `dvc repro`; what one variant's param change reruns
   predict     bench/bench_predict.py     `cxr predict` batch throughput, single-image latency, cold start

@@ -11,41 +11,39 @@ evaluate@VARIANT_cv and the report then treat the ensemble as one more variant.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from cxr.core import params as cxr_params
+from cxr.core import paths
 from cxr.core.errors import CxrError, run_main
 from cxr.core.io import write_json
 from cxr.core.params import ENSEMBLE_SUFFIX
+from cxr.core.stage import stage_args
 
 
 def main() -> int:
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        raise ValueError("usage: python stages/ensemble.py VARIANT (a name under params.yaml cv.variants)")
-    name = sys.argv[1]
+    name = stage_args(__doc__, variant="a name under params.yaml cv.variants").variant
     params = cxr_params.load()
     if name not in params.cv.variants:
         raise CxrError(f"'{name}' is not in params.yaml cv.variants {params.cv.variants}")
     from cxr.evaluation.metrics import binary_metrics
     from cxr.evaluation.stress import stress_summary
     from cxr.model.ensemble import build_ensemble
-    from cxr.model.folds import fold_paths, read_oof
+    from cxr.model.folds import read_oof
     from cxr.model.training import save_result
     from cxr.serving.inference import load_model
 
-    folds = [fold_paths(name, k) for k in params.cv.folds]
+    folds = [paths.fold_paths(name, k) for k in params.cv.folds]
     oof = read_oof([oof_path for _, _, oof_path in folds])
     members = [load_model(model_path) for model_path, _, _ in folds]
     result = build_ensemble(f"{name}{ENSEMBLE_SUFFIX}", members, oof, params)
     out = f"{name}{ENSEMBLE_SUFFIX}"
-    save_result(result, Path("models") / f"{out}.keras", Path("models") / f"{out}.json")
+    model_path = paths.model_path(out)
+    save_result(result, model_path, paths.sidecar_path(model_path))
     # Per fold too, so a reader sees how much the folds differ (the noise floor of one fold model).
     per_fold = {
         int(k): binary_metrics(g["label"], g["probability"], result.meta.threshold) for k, g in oof.groupby("fold")
     }
     write_json(
-        Path("metrics") / f"{out}_oof.json",
+        paths.metrics_path(out, "oof"),
         {
             "threshold": result.meta.threshold,
             "threshold_rule": result.meta.threshold_rule,
@@ -57,7 +55,7 @@ def main() -> int:
     stress = stress_summary(
         oof["label"].to_numpy(), oof["probability"].to_numpy(), result.stress_prob, result.meta.threshold
     )
-    write_json(Path("metrics") / f"{out}_stress.json", stress)
+    write_json(paths.metrics_path(out, "stress"), stress)
     v = result.meta.val
     print(
         f"ensemble@{name}: {len(members)} fold models → models/{out}.keras; out-of-fold n={v.n} roc_auc={v.roc_auc:.4f} "

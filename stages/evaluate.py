@@ -13,27 +13,24 @@ on validation and test.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from cxr.core import params as cxr_params
+from cxr.core import paths
 from cxr.core.errors import CxrError, run_main
 from cxr.core.io import atomic_file, write_json
 from cxr.core.params import ENSEMBLE_SUFFIX
+from cxr.core.stage import stage_args
 from cxr.data.cache import cache_dir, load_split
 from cxr.evaluation.metrics import calibration_report, evaluate_probabilities, specificity_by_series
-from cxr.model.folds import fold_paths, read_oof
+from cxr.model.folds import read_oof
 from cxr.serving.inference import load_model, predict_arrays
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        raise ValueError("usage: python stages/evaluate.py VARIANT (a name under params.yaml variants)")
-    name = sys.argv[1]
+    name = stage_args(__doc__, variant="a name under params.yaml variants, or <v>_cv").variant
     params = cxr_params.load()
     params.model_variant(name)  # unknown name → a clear error listing the known ones (variants and <v>_cv ensembles)
-    loaded = load_model(Path("models") / f"{name}.keras")
-    test = load_split(cache_dir("data/processed", loaded.image_size), "test")
+    loaded = load_model(paths.model_path(name))
+    test = load_split(cache_dir(paths.PROCESSED, loaded.image_size), "test")
     if len(test) == 0:
         raise CxrError("the preprocessed test split is empty; rerun `dvc repro split preprocess`")
     test_p = predict_arrays(loaded.model, test.x)
@@ -48,10 +45,10 @@ def main() -> int:
         seed=params.seed,
     )
     if name.endswith(ENSEMBLE_SUFFIX):
-        oof = read_oof([fold_paths(name.removesuffix(ENSEMBLE_SUFFIX), k)[2] for k in params.cv.folds])
+        oof = read_oof([paths.fold_paths(name.removesuffix(ENSEMBLE_SUFFIX), k)[2] for k in params.cv.folds])
         val_y, val_p, val_paths = oof["label"].to_numpy(), oof["probability"].to_numpy(), oof["path"]
     else:
-        val = load_split(cache_dir("data/processed", loaded.image_size), "val")
+        val = load_split(cache_dir(paths.PROCESSED, loaded.image_size), "val")
         val_y, val_p, val_paths = val.y, predict_arrays(loaded.model, val.x), val.rows["path"]
     result.metrics["val_specificity_by_series"] = (
         specificity_by_series(val_y, val_p, val_paths, loaded.threshold) if len(val_y) else {}
@@ -64,9 +61,9 @@ def main() -> int:
         result.metrics["calibration"]["fitted_on"] = "out-of-fold" if name.endswith(ENSEMBLE_SUFFIX) else "validation"
     # Everything is computed before anything is written: an error leaves the old outputs whole.
     for table, frame in result.tables.items():
-        with atomic_file(Path("plots") / name / f"{table}.csv") as fh:
+        with atomic_file(paths.plots_dir(name) / f"{table}.csv") as fh:
             frame.to_csv(fh, index=False)
-    write_json(Path("metrics") / f"{name}.json", result.metrics)
+    write_json(paths.metrics_path(name), result.metrics)
     m = result.metrics
     shown = " ".join(
         f"{k}={m[k]:.3f}"

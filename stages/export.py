@@ -14,32 +14,29 @@ recorded (no test label is read).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
 from cxr.core import params as cxr_params
+from cxr.core import paths
 from cxr.core.errors import run_main
 from cxr.core.io import write_json
+from cxr.core.stage import stage_args
 from cxr.data.cache import cache_dir, load_split
 from cxr.serving.export import export_litert, write_export
 from cxr.serving.inference import load_model
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        raise ValueError("usage: python stages/export.py VARIANT (a name under params.yaml variants, or <v>_cv)")
-    name = sys.argv[1]
+    name = stage_args(__doc__, variant="a name under params.yaml variants, or <v>_cv").variant
     params = cxr_params.load()
     params.model_variant(name)
-    model_path = Path("models") / f"{name}.keras"
+    model_path = paths.model_path(name)
     loaded = load_model(model_path, runtime="keras")
-    folder = cache_dir("data/processed", loaded.image_size)
+    folder = cache_dir(paths.PROCESSED, loaded.image_size)
     x = np.concatenate([load_split(folder, s).x for s in ("val", "test")])
     blob, record, parity = export_litert(loaded, x, params.export.tolerance)
     write_export(model_path, blob, record)
-    write_json(Path("metrics") / f"{name}_export.json", parity)
+    write_json(paths.metrics_path(name, "export"), parity)
     print(
         f"export@{name}: {parity['size_mb']} MB, max |dp| {parity['max_abs_probability_diff']:.1e} on {parity['n_images']} val+test images, "
         f"final labels (with the gate) agree on {parity['label_agreement']:.1%}"

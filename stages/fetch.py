@@ -8,20 +8,19 @@ data/raw appears atomically with chest_xray/{train,test}/{NORMAL,PNEUMONIA}/ and
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from cxr.core import params as cxr_params
+from cxr.core import paths
 from cxr.core.errors import run_main
+from cxr.core.stage import stage_args
 from cxr.data.fetch import MB, fetch
-
-RAW = Path("data/raw")
 
 
 def main() -> int:
+    stage_args(__doc__)
     settings = cxr_params.load().fetch
     report = fetch(
         settings.source,
-        RAW,
+        paths.RAW,
         max_uncompressed_bytes=int(settings.max_uncompressed_mb * MB),
         timeout_s=float(settings.timeout_s),
     )

@@ -6,19 +6,19 @@ python stages/report.py       # (dvc repro report) → metrics/summary.json, plo
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from cxr.core import params as cxr_params
+from cxr.core import paths
 from cxr.core.errors import run_main
 from cxr.core.io import atomic_dir, atomic_file, write_json
 from cxr.core.provenance import git_commit
+from cxr.core.stage import stage_args
 from cxr.evaluation import figures as cxr_figures
 from cxr.evaluation import report
 
-FIGURES = Path("plots/figures")
-
 
 def main() -> int:
+    stage_args(__doc__)
     params = cxr_params.load()
     results = {name: report.load_result(name) for name in params.model_names}
     summary = report.build_summary(
@@ -26,9 +26,9 @@ def main() -> int:
     )
     best = summary["best"]
     # ensembles have no curves of their own (their fold models train without DVCLive)
-    curves = {name: report.read_training_curves(Path("dvclive") / name) for name in params.variants}
+    curves = {name: report.read_training_curves(paths.live_dir(name)) for name in params.variants}
     # Figures go to a temporary folder that replaces plots/figures only when everything succeeded.
-    with atomic_dir(FIGURES) as tmp:
+    with atomic_dir(paths.FIGURES) as tmp:
         figures, notes = cxr_figures.make_figures(results, curves, tmp)
         skipped = cxr_figures.make_gradcam(
             best, results[best].predictions, params.report.gradcam_per_outcome, tmp / "gradcam_grid.png"
@@ -50,7 +50,7 @@ def main() -> int:
             report.ReportInputs(
                 summary=summary,
                 results=results,
-                audit=report.read_audit(Path("data/split/audit.json")),
+                audit=report.read_audit(paths.AUDIT),
                 split_strategy=params.split.strategy,
                 val_fraction=params.split.val_fraction,
                 figures=figures,
@@ -61,9 +61,9 @@ def main() -> int:
                 ood=ood,
             )
         )
-        with atomic_file(Path("plots/report.html")) as fh:
+        with atomic_file(paths.REPORT_PAGE) as fh:
             fh.write(page)
-        write_json(Path("metrics/summary.json"), summary)
+        write_json(paths.SUMMARY, summary)
     print(
         f"report: best = {best} by {summary['selected_by']} ({summary['variants'][best][summary['select_by']]:.4f}); plots/report.html"
     )

@@ -1,6 +1,6 @@
 """Site-calibration learning curve: what a hospital gets from N local labelled images.
 
-    python stages/site_curve.py [MODEL]     # plots/MODEL/predictions.csv → metrics/site_curve.json
+    python stages/site_curve.py [MODEL]     # (dvc repro site_curve) plots/MODEL/predictions.csv → metrics/site_curve.json
 
 MODEL defaults to `best` in metrics/summary.json. Reads only the committed test predictions
 (path, label, probability, predicted), so no model runs: for N in NS, DRAWS draws of whole
@@ -12,31 +12,31 @@ scored on the same held-out images for comparison. Deterministic for params.yaml
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pandas as pd
 
 from cxr.core import params as cxr_params
+from cxr.core import paths
 from cxr.core.constants import POSITIVE
 from cxr.core.errors import CxrError, run_main
 from cxr.core.io import write_json
+from cxr.core.stage import stage_args
 from cxr.evaluation.site_curve import PERCENTILES, learning_curve, patient_ids
 
 NS = [16, 32, 64, 128]
 DRAWS = 300
 RULES = ["sensitivity:0.97", "youden"]
-OUT = Path("metrics/site_curve.json")
+OUT = paths.metrics_path("site_curve")
 
 
-def model_name(argv: list[str]) -> str:
-    if len(argv) > 1:
-        return argv[1]
-    summary = Path("metrics/summary.json")
+def model_name(requested: str | None) -> str:
+    """`requested`, else the headline model (`best` in metrics/summary.json)."""
+    if requested:
+        return requested
     try:
-        return str(json.loads(summary.read_text())["best"])
+        return str(json.loads(paths.SUMMARY.read_text())["best"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise CxrError(f"{summary}: no `best` model to read; pass MODEL or run `dvc repro report`") from None
+        raise CxrError(f"{paths.SUMMARY}: no `best` model to read; pass MODEL or run `dvc repro report`") from None
 
 
 def table(curve: dict, ns: list[int]) -> str:
@@ -55,20 +55,21 @@ def table(curve: dict, ns: list[int]) -> str:
 
 
 def main() -> int:
-    name = model_name(sys.argv)
+    args = stage_args(__doc__, variant="a model with test predictions (default: the headline model)", optional=True)
+    name = model_name(args.variant)
     seed = cxr_params.load().seed
-    source = Path("plots") / name / "predictions.csv"
+    source = paths.plots_dir(name) / "predictions.csv"
     if not source.is_file():
         raise CxrError(f"{source} not found; run `dvc repro evaluate@{name}` (or `dvc pull`)")
     rows = pd.read_csv(source)
     missing = {"path", "label", "probability", "predicted"} - set(rows.columns)
     if missing:
         raise CxrError(f"{source}: missing columns {sorted(missing)}; rerun `dvc repro evaluate@{name}`")
-    paths = rows["path"].astype(str).tolist()
+    files = rows["path"].astype(str).tolist()
     curve = learning_curve(
         rows["label"].to_numpy(),
         rows["probability"].to_numpy(),
-        patient_ids(paths),
+        patient_ids(files),
         NS,
         DRAWS,
         RULES,
@@ -81,7 +82,7 @@ def main() -> int:
             "model": name,
             "source": source.as_posix(),
             "n_images": len(rows),
-            "n_patients": len(set(patient_ids(paths))),
+            "n_patients": len(set(patient_ids(files))),
             "draws": DRAWS,
             "seed": seed,
             "percentiles": list(PERCENTILES),

@@ -6,22 +6,20 @@ python stages/split.py        # (dvc repro split) data/raw → data/split/{manif
 from __future__ import annotations
 
 from multiprocessing import Pool
-from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
 from cxr.core import params as cxr_params
+from cxr.core import paths
 from cxr.core.constants import SPLITS
 from cxr.core.errors import run_main
 from cxr.core.io import atomic_file, write_json
 from cxr.core.provenance import sha256_file
+from cxr.core.stage import stage_args
 from cxr.data import dataset
 from cxr.data.images import DRAFT_MIN_SIDE, open_image
 from cxr.data.pixels import ImageError
-
-RAW = Path("data/raw")
-OUT = Path("data/split")
 
 
 def check_image(path: str) -> str | None:
@@ -36,16 +34,16 @@ def check_image(path: str) -> str | None:
 def sha256s(rows: pd.DataFrame) -> list[str]:
     """Hashes recorded by fetch (data/raw/sha256.csv), computed for files it did not list."""
     known: dict[str, str] = {}
-    listed = RAW / "sha256.csv"
-    if listed.exists():
-        table = pd.read_csv(listed, dtype=str)
-        known = {(RAW / p).as_posix(): h for p, h in zip(table["path"], table["sha256"])}
+    if paths.RAW_HASHES.exists():
+        table = pd.read_csv(paths.RAW_HASHES, dtype=str)
+        known = {(paths.RAW / p).as_posix(): h for p, h in zip(table["path"], table["sha256"])}
     return [known.get(p) or sha256_file(p) for p in rows["path"]]
 
 
 def main() -> int:
+    stage_args(__doc__)
     params = cxr_params.load()
-    images = dataset.scan(RAW / "chest_xray")
+    images = dataset.scan(paths.RAW_IMAGES)
     images["sha256"] = sha256s(images)
     with Pool(params.preprocess.workers) as pool:
         reasons = list(
@@ -73,9 +71,9 @@ def main() -> int:
         "duplicates": dataset.duplicate_audit(usable),
         **removed,
     }
-    with atomic_file(OUT / "manifest.csv") as fh:
+    with atomic_file(paths.MANIFEST) as fh:
         manifest.to_csv(fh, index=False)
-    write_json(OUT / "audit.json", audit)
+    write_json(paths.AUDIT, audit)
     c = audit["counts"]
     print(
         f"split ({params.split.strategy}): "

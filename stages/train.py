@@ -18,23 +18,20 @@ cluster (docs/scaling.md); only the chief writes the outputs.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pandas as pd
 
 from cxr.core import params as cxr_params
+from cxr.core import paths
 from cxr.core.errors import CxrError, run_main
 from cxr.core.io import atomic_dir, atomic_file, write_json
+from cxr.core.stage import stage_args
 from cxr.data.cache import cache_dir, fold_split, load_split, official_train
-from cxr.model.folds import fold_paths
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="train one variant (a name under params.yaml variants)")
-    parser.add_argument("variant")
-    parser.add_argument("--fold", type=int, default=None, help="train on the other folds, validate on this one (cv)")
-    args = parser.parse_args()
+    args = stage_args(__doc__, variant="a name under params.yaml variants", fold=True)
     name = args.variant
     params = cxr_params.load()
     variant = params.variant(name)
@@ -48,7 +45,7 @@ def main() -> int:
     from cxr.model.training import save_result, train_variant
 
     start = time.perf_counter()
-    folder = cache_dir("data/processed", variant.image_size)
+    folder = cache_dir(paths.PROCESSED, variant.image_size)
     if args.fold is None:
         train, val = load_split(folder, "train"), load_split(folder, "val")
     else:
@@ -60,15 +57,16 @@ def main() -> int:
     # DVCLive writes into a temporary folder that replaces dvclive/VARIANT only if all succeeds.
     with cluster_errors(task), output_root(chief) as root:
         if args.fold is None:
-            with atomic_dir(root / "dvclive" / name) as live_dir:
+            with atomic_dir(paths.live_dir(name, root)) as live_dir:
                 result = train_variant(variant, params, train, val, live_dir=live_dir)
                 stress = stress_summary(val.y, result.val_prob, result.stress_prob, result.meta.threshold)
-                save_result(result, root / "models" / f"{name}.keras", root / "models" / f"{name}.json")
-                write_json(root / "metrics" / f"{name}_stress.json", stress)
+                model_path = paths.model_path(name, root)
+                save_result(result, model_path, paths.sidecar_path(model_path))
+                write_json(paths.metrics_path(name, "stress", root), stress)
             written = f"models/{name}.keras, models/{name}.json and metrics/{name}_stress.json (mean stress roc_auc {stress['mean']['roc_auc']:.4f})"
         else:
             result = train_variant(variant, params, train, val)
-            model_path, meta_path, oof_path = fold_paths(name, args.fold, root)
+            model_path, meta_path, oof_path = paths.fold_paths(name, args.fold, root)
             stressed = {f"p_{shift}": p for shift, p in result.stress_prob.items()}
             oof = pd.DataFrame(
                 {

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay
 
+from cxr.core import paths
 from cxr.core.constants import CLASSES, POSITIVE
 from cxr.core.errors import CxrError
 from cxr.evaluation.report import VariantResult
@@ -226,8 +227,8 @@ def make_gradcam(
     predictions: pd.DataFrame,
     per_outcome: int,
     out_png: Path,
-    processed: Path = Path("data/processed"),
-    models: Path = Path("models"),
+    processed: Path = paths.PROCESSED,
+    models: Path = paths.MODELS,
 ) -> str | None:
     """Grad-CAM grid of the best variant; returns None on success or why it was skipped."""
     if per_outcome == 0:

@@ -34,17 +34,13 @@ from PIL import Image
 from cxr.core.constants import NEGATIVE, OUT_OF_DISTRIBUTION, POSITIVE, UNCERTAIN
 from cxr.core.errors import CxrError
 from cxr.core.io import atomic_file
+from cxr.core.paths import gate_path as gate_path  # re-exported: cxr.serving.inference finds the gate by it
 from cxr.data.images import ImageFacts
 from cxr.evaluation.selective import answered, refer_band
 
 THUMB_SIDE = 16  # pixel detectors: the input image box-averaged to 16×16 (256 values)
 DETECTORS = ("features", "layout", "view")  # the OOD score's parts, in Gate.parts order
 _CLIP = 50.0  # the view check's logit margin is clipped before exp (no overflow)
-
-
-def gate_path(model_path: Path | str) -> Path:
-    """models/<v>.keras → models/<v>.ood.npz (the gate and refer band beside the model)."""
-    return Path(model_path).with_suffix(".ood.npz")
 
 
 # --- the pieces: Mahalanobis distance, thumbnails, image checks ------------------------------

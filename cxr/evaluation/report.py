@@ -24,6 +24,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from cxr.core import paths
 from cxr.core.constants import NEGATIVE, POSITIVE, SPLITS
 from cxr.core.errors import CxrError
 from cxr.evaluation.metrics import specificity_by_series
@@ -104,9 +105,9 @@ def _read_csv(path: Path, columns: tuple[str, ...], hint: str, dtype: dict[str, 
 def load_result(name: str, root: Path = Path(".")) -> VariantResult:
     """Read one variant's outputs of train and evaluate; CxrError naming a missing/bad file."""
     hint = f"run `dvc repro evaluate@{name}`"
-    metrics_path = root / "metrics" / f"{name}.json"
+    metrics_path = paths.metrics_path(name, root=root)
     metrics = _read_json(metrics_path, hint)
-    meta = sidecar.read(root / "models" / f"{name}.keras")
+    meta = sidecar.read(paths.model_path(name, root))
     if not isinstance(metrics, dict):
         raise CxrError(f"{metrics_path} must hold a JSON object; {hint}")
     confusion = _dict(metrics.get("confusion"))
@@ -114,13 +115,13 @@ def load_result(name: str, root: Path = Path(".")) -> VariantResult:
         raise CxrError(f"{metrics_path} lacks confusion counts ({', '.join(CONFUSION_KEYS)}); {hint}")
     if not _is_number(metrics.get("threshold")):
         raise CxrError(f"{metrics_path} lacks a numeric threshold; {hint}")
-    plots = root / "plots" / name
+    plots = paths.plots_dir(name, root)
     predictions = _read_csv(
         plots / "predictions.csv", PREDICTION_COLUMNS, hint, {"path": str, "actual": str, "predicted": str}
     )
     roc = _read_csv(plots / "roc.csv", ROC_COLUMNS, hint)
     stress = _read_json(
-        root / "metrics" / f"{name}_stress.json",
+        paths.metrics_path(name, "stress", root),
         f"run `dvc repro {'ensemble@' + name.removesuffix('_cv') if name.endswith('_cv') else 'train@' + name}`",
     )
     return VariantResult(name, metrics, meta, predictions, roc, _dict(stress))
@@ -315,7 +316,7 @@ class ReportInputs:
 def read_ood(name: str, root: Path = Path(".")) -> tuple[dict[str, Any] | None, pd.DataFrame | None]:
     """What stage ood@<name> measured: metrics/<name>_ood.json and plots/<name>/risk_coverage.csv,
     or (None, None) when that stage has not run for it."""
-    path, curve = root / "metrics" / f"{name}_ood.json", root / "plots" / name / "risk_coverage.csv"
+    path, curve = paths.metrics_path(name, "ood", root), paths.plots_dir(name, root) / "risk_coverage.csv"
     if not path.is_file() or not curve.is_file():
         return None, None
     hint = f"rerun `dvc repro ood@{name}`"

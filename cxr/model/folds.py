@@ -1,6 +1,8 @@
-"""Where the k-fold models and their out-of-fold predictions live (train_fold@<v>-<k>).
+"""The k-fold models' out-of-fold predictions (train_fold@<v>-<k>), read back for the ensemble.
 
     models/cv/<v>/fold<k>.keras, .json (its sidecar), .oof.csv (fold k's out-of-fold probabilities)
+
+`fold_paths` (those three paths) is cxr.core.paths's, re-exported here beside `read_oof`.
 
 Kept apart from cxr.model.ensemble (which builds Keras models) so that a stage that only reads the
 out-of-fold rows (ood@<v>_cv) does not depend on the training code.
@@ -13,12 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from cxr.core.errors import CxrError
-
-
-def fold_paths(name: str, fold: int, root: Path = Path(".")) -> tuple[Path, Path, Path]:
-    """models/cv/<v>/fold<k>.keras, its sidecar and its out-of-fold probabilities (.oof.csv)."""
-    base = root / "models" / "cv" / name / f"fold{fold}"
-    return base.with_suffix(".keras"), base.with_suffix(".json"), base.with_suffix(".oof.csv")
+from cxr.core.paths import fold_paths as fold_paths
 
 
 def read_oof(paths: list[Path]) -> pd.DataFrame:

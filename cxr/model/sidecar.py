@@ -17,6 +17,7 @@ from typing import Any
 from cxr.core.constants import RESIZE_MODES
 from cxr.core.errors import CxrError, run_main
 from cxr.core.io import write_json
+from cxr.core.paths import sidecar_path as path_for
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,6 @@ class Sidecar:
     def write(self, path: Path | str) -> None:
         """Write atomically (whole or absent)."""
         write_json(path, self.to_dict())
-
-
-def path_for(model_path: Path | str) -> Path:
-    """`models/<v>.keras` → `models/<v>.json`."""
-    return Path(model_path).with_suffix(".json")
 
 
 def fix_hint(model_path: Path | str) -> str:

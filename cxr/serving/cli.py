@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cxr.core.errors import CxrError, run_main
+from cxr.core.paths import SUMMARY, model_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
 # named on the command line is read whatever its name, so an extension-less DICOM works there.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 FORMATS = ("table", "json", "csv")
-SUMMARY = Path("metrics/summary.json")
-MODELS_DIR = Path("models")
 
 
 def positive_int(text: str) -> int:
@@ -208,7 +207,7 @@ def resolve_model(variant: str | None, model: Path | None, root: Path) -> Path:
     if model is not None:
         return model
     if variant is not None:
-        return root / MODELS_DIR / f"{variant}.keras"
+        return model_path(variant, root)
     summary = root / SUMMARY
     if not summary.is_file():
         raise CxrError(
@@ -222,7 +221,7 @@ def resolve_model(variant: str | None, model: Path | None, root: Path) -> Path:
         raise CxrError(
             f"{summary} names no best variant (key 'best'); rerun `dvc repro report` or pass --model FILE / --variant NAME"
         )
-    return root / MODELS_DIR / f"{best}.keras"
+    return model_path(best, root)
 
 
 def _visible(path: Path, top: Path) -> bool:

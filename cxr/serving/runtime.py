@@ -24,19 +24,10 @@ from typing import Any
 import numpy as np
 
 from cxr.core.errors import CxrError
+from cxr.core.paths import lite_meta_path, lite_path
 from cxr.core.provenance import sha256_file
 
 FORMAT = "litert"
-
-
-def lite_path(model_path: Path | str) -> Path:
-    """models/<v>.keras → models/<v>.tflite."""
-    return Path(model_path).with_suffix(".tflite")
-
-
-def lite_meta_path(model_path: Path | str) -> Path:
-    """models/<v>.keras → models/<v>.tflite.json (output names, source hash, measured parity)."""
-    return Path(model_path).with_suffix(".tflite.json")
 
 
 def available() -> bool:
