@@ -19,8 +19,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr.core.provenance import git_commit
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SAMPLES = ROOT.parent / "shared" / "data" / "raw_sample"
@@ -28,6 +26,8 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from cxr.core.provenance import git_commit  # noqa: E402  (the checkout's cxr, not an installed one)
 
 
 def cpu_model() -> str:
