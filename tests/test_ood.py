@@ -255,10 +255,10 @@ def test_view_check_tells_upright_films_from_rotated_flipped_inverted_and_croppe
         assert np.mean(view.logit(ood.thumbnails(wrong)) > cut) >= 0.95, name
 
 
-@pytest.mark.skipif(not ZIP_224.is_file(), reason="../shared/data/chest_xray_224.zip is absent")
-def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_films(tmp_path):
+def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_films(tmp_path, require_shared):
     """Fitted on 1,200 real official-train X-rays (64 px), thresholded at 99.7% of 300 others;
     the official test films and transforms of them (the ood stage's xray families)."""
+    require_shared(ZIP_224)
 
     def load(prefix: str, n: int) -> np.ndarray:
         with zipfile.ZipFile(ZIP_224) as zf:
@@ -282,9 +282,9 @@ def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_fi
         assert np.mean(view.logit(ood.thumbnails(resized)) > cut) >= 0.9, family
 
 
-@pytest.mark.skipif(not ZIP_224.is_file(), reason="../shared/data/chest_xray_224.zip is absent")
-def test_image_checks_pass_every_real_xray(tmp_path):
+def test_image_checks_pass_every_real_xray(tmp_path, require_shared):
     """No real X-ray of the 224-px archive (RGB-stored JPEGs among them) fails a cheap check."""
+    require_shared(ZIP_224)
     flagged = []
     with zipfile.ZipFile(ZIP_224) as zf:
         names = [n for n in zf.namelist() if n.lower().endswith(".jpeg")]
