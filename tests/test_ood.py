@@ -315,8 +315,16 @@ def test_tiny_pipeline_gate_labels_what_is_not_an_xray(tiny_pipeline, tmp_path):
         "corner_crop",
     }
     assert metrics["families"]["constant"]["flag_rate"] == 1.0 and metrics["families"]["photos"]["flag_rate"] == 1.0
-    assert metrics["val_in_distribution"] >= 0.99 or metrics["n_val"] < 100
-    assert abs(metrics["refer_band"]["val_coverage"] - 0.9) <= 0.02 or metrics["n_val"] < 50
+    n_val, band = metrics["n_val"], metrics["refer_band"]
+    # The threshold is a validation score itself (a quantile, method "higher"), so at least
+    # keep_val of validation is in: every image of the tiny one, where one out is already 1/n_val > 1%.
+    assert metrics["val_in_distribution"] >= metrics["keep_val"]
+    # The narrowest band leaving ceil(coverage n) images answered: its edge is one image's margin,
+    # which float rounding puts on either side of the edge, so one fewer may be answered. A model
+    # giving every image one probability answers them all (a band of width 0).
+    answered = round(band["val_coverage"] * n_val)
+    wanted = math.ceil(band["target_coverage"] * n_val)
+    assert wanted - 1 <= answered <= wanted < n_val, (answered, wanted, n_val)
     assert (work / "models" / "cnn_baseline.ood.npz").is_file() and (
         work / "plots" / "cnn_baseline" / "risk_coverage.csv"
     ).is_file()
