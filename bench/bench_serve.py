@@ -17,6 +17,7 @@ Writes bench/results/serve.json; exit 1 if a check failed.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import random
@@ -29,6 +30,7 @@ import urllib.request
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ import numpy as np
 
 from bench_predict import default_model
 from common import RESULTS, ROOT, build_standin, machine_info, sample_files, table, write_result
+from testkit.serveapp import post_file
 
 MAX_UPLOAD_MB = 8
 GOOD_FRACTION = 0.75
@@ -148,7 +151,21 @@ def screenshot(url: str, image: Path, want: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main() -> int:
+@dataclass
+class LoadRun:
+    """What one run of the requests against the server gave."""
+
+    rows: list[dict[str, Any]]
+    wall: float
+    startup_s: float
+    memory_before: dict[str, float]
+    memory_after: dict[str, float]
+    cpu_before: float
+    cpu_after: float
+    shot: dict[str, Any]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "model",
@@ -162,115 +179,158 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.requests = 300
-    from cxr.core.provenance import sha256_file
-    from cxr.serving.inference import load_model, predict_files
-    from testkit.serveapp import post_file
+    return args
 
-    tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
-    folder = Path(tmp.name)
-    model, standin, weights = args.model or default_model(), False, None
+
+def choose_model(given: Path | None, folder: Path) -> tuple[Path, bool, str | None]:
+    """(model, is it the stand-in, the stand-in's backbone weights): `given`, else the best trained
+    model, else a stand-in built in `folder`."""
+    model, standin, weights = given or default_model(), False, None
     if model is None:
         (model, weights), standin = build_standin(folder), True
-    samples = sample_files()
-    loaded = load_model(
-        model, runtime="auto"
-    )  # what `cxr predict` and `cxr serve` use by default (the LiteRT export when there is one)
-    # what `cxr predict FILE` prints for each file alone (a batch of one, as the service runs each upload)
-    want = {p.name: predict_files([p], loaded)[0].as_dict() for p in samples}
-    distinct = len({round(w["probability"], 6) for w in want.values()})
-    good = {p.name: p.read_bytes() for p in samples}
-    bad = bad_uploads(folder, good[samples[0].name])
+    return model, standin, weights
 
+
+def expected_answers(samples: list[Path], loaded: Any) -> dict[str, dict[str, Any]]:
+    """What `cxr predict FILE` prints for each file alone (a batch of one, as the service runs each upload)."""
+    from cxr.serving.inference import predict_files
+
+    return {p.name: predict_files([p], loaded)[0].as_dict() for p in samples}
+
+
+def shuffled_jobs(good: dict[str, bytes], bad: dict[str, Any], requests: int) -> tuple[list[tuple[str, str]], int]:
+    """(what, key) per request, GOOD_FRACTION of them good, in a fixed shuffled order; and how many are good."""
     rng = random.Random(0)
-    n_good = round(GOOD_FRACTION * args.requests)
-    jobs = [("good", name) for name in (list(good) * args.requests)[:n_good]]
-    jobs += [("bad", kind) for kind in (list(bad) * args.requests)[: args.requests - n_good]]
+    n_good = round(GOOD_FRACTION * requests)
+    jobs = [("good", name) for name in (list(good) * requests)[:n_good]]
+    jobs += [("bad", kind) for kind in (list(bad) * requests)[: requests - n_good]]
     rng.shuffle(jobs)
+    return jobs, n_good
 
+
+def send(
+    url: str, job: tuple[str, str], good: dict[str, bytes], bad: dict[str, Any], want: dict[str, Any]
+) -> dict[str, Any]:
+    """One POST /predict: its status against the expected one, its latency and, for a good file,
+    whether the answer equals `predict_files`'."""
+    what, key = job
+    kwargs, status = ({"filename": key, "data": good[key]}, 200) if what == "good" else bad[key]
+    t0 = time.perf_counter()
+    try:
+        got, body = post_file(url + "/predict", **kwargs, timeout=300)
+    except Exception as exc:  # a dropped connection or a non-JSON answer is a failure to report, not to stop on
+        return {
+            "what": what,
+            "key": key,
+            "status": None,
+            "error": type(exc).__name__,
+            "ms": 1000 * (time.perf_counter() - t0),
+        }
+    ms = 1000 * (time.perf_counter() - t0)
+    row = {"what": what, "key": key, "status": got, "expected": status, "ms": ms}
+    if what == "good" and got == 200:
+        w = want[key]
+        row["equal"] = abs(body["probability"] - w["probability"]) <= 1e-6 and all(
+            body[k] == w[k] for k in ("label", "threshold", "ood_score", "ood", "ood_reason", "refer_low", "refer_high")
+        )
+    return row
+
+
+def serve_under_load(
+    model: Path,
+    folder: Path,
+    jobs: list[tuple[str, str]],
+    concurrency: int,
+    *,
+    good: dict[str, bytes],
+    bad: dict[str, Any],
+    want: dict[str, Any],
+    sample: Path,
+) -> LoadRun:
+    """Start `cxr serve`, send every job from `concurrency` threads (see `send`), measure the
+    server, upload `sample` through the page for the screenshot, stop the server."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = folder / "serve.log"
     started = time.monotonic()
-    proc = start_server(model, port, log)
+    proc = start_server(model, port, folder / "serve.log")
     startup_s = time.monotonic() - started
     try:
         memory_before, cpu_before = rss_mib(proc.pid), cpu_seconds(proc.pid)
-
-        def one(job: tuple[str, str]) -> dict[str, Any]:
-            what, key = job
-            kwargs, status = ({"filename": key, "data": good[key]}, 200) if what == "good" else bad[key]
-            t0 = time.perf_counter()
-            try:
-                got, body = post_file(url + "/predict", **kwargs, timeout=300)
-            except Exception as exc:  # a dropped connection or a non-JSON answer is a failure to report, not to stop on
-                return {
-                    "what": what,
-                    "key": key,
-                    "status": None,
-                    "error": type(exc).__name__,
-                    "ms": 1000 * (time.perf_counter() - t0),
-                }
-            ms = 1000 * (time.perf_counter() - t0)
-            row = {"what": what, "key": key, "status": got, "expected": status, "ms": ms}
-            if what == "good" and got == 200:
-                w = want[key]
-                row["equal"] = abs(body["probability"] - w["probability"]) <= 1e-6 and all(
-                    body[k] == w[k]
-                    for k in ("label", "threshold", "ood_score", "ood", "ood_reason", "refer_low", "refer_high")
-                )
-            return row
-
+        one = functools.partial(send, url, good=good, bad=bad, want=want)
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
+        with ThreadPoolExecutor(concurrency) as pool:
             rows = list(pool.map(one, jobs))
         wall = time.perf_counter() - t0
         memory_after, cpu_after = rss_mib(proc.pid), cpu_seconds(proc.pid)
-        shot = screenshot(url, samples[0], want[samples[0].name])
+        shot = screenshot(url, sample, want[sample.name])
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    return LoadRun(rows, wall, startup_s, memory_before, memory_after, cpu_before, cpu_after, shot)
 
-    statuses = Counter(str(r["status"]) for r in rows)
-    server_errors = sum(1 for r in rows if r["status"] is not None and r["status"] >= 500)
-    connection_errors = sum(1 for r in rows if r["status"] is None)
-    wrong_status = [r for r in rows if r["status"] is not None and r["status"] != r["expected"]]
+
+def answer_checks(rows: list[dict[str, Any]], n_good: int, concurrency: int, bad: dict[str, Any]) -> dict[str, Any]:
+    """How many requests got the status and the answer they should."""
     goods = [r for r in rows if r["what"] == "good" and r["status"] == 200]
     mismatches = sum(1 for r in goods if not r["equal"])
-    ms_all, ms_good, ms_bad = (
-        [r["ms"] for r in rows],
-        [r["ms"] for r in goods],
-        [r["ms"] for r in rows if r["what"] == "bad"],
-    )
-    ok = server_errors == 0 and connection_errors == 0 and not wrong_status and mismatches == 0 and len(goods) == n_good
-    result = {
+    return {
         "requests": len(rows),
-        "concurrency": args.concurrency,
+        "concurrency": concurrency,
         "good_requests": n_good,
         "bad_requests": len(rows) - n_good,
         "bad_kinds": {
             k: {"expected_status": s, "count": sum(1 for r in rows if r["what"] == "bad" and r["key"] == k)}
             for k, (_, s) in bad.items()
         },
-        "statuses": dict(sorted(statuses.items())),
-        "server_errors_5xx": server_errors,
-        "connection_errors": connection_errors,
-        "wrong_status": len(wrong_status),
+        "statuses": dict(sorted(Counter(str(r["status"]) for r in rows).items())),
+        "server_errors_5xx": sum(1 for r in rows if r["status"] is not None and r["status"] >= 500),
+        "connection_errors": sum(1 for r in rows if r["status"] is None),
+        "wrong_status": sum(1 for r in rows if r["status"] is not None and r["status"] != r["expected"]),
         "good_answers_equal_to_predict": len(goods) - mismatches,
         "good_answers_different": mismatches,
-        "distinct_probabilities_among_samples": f"{distinct} of {len(want)}",
+    }
+
+
+def server_figures(run: LoadRun) -> dict[str, Any]:
+    """Latency percentiles, throughput, and the server's memory, CPU time and start-up time."""
+    goods = [r for r in run.rows if r["what"] == "good" and r["status"] == 200]
+    ms_all, ms_good, ms_bad = (
+        [r["ms"] for r in run.rows],
+        [r["ms"] for r in goods],
+        [r["ms"] for r in run.rows if r["what"] == "bad"],
+    )
+    return {
         "latency_ms": {
             "all": {"p50": percentile(ms_all, 50), "p99": percentile(ms_all, 99)},
             "good": {"p50": percentile(ms_good, 50), "p99": percentile(ms_good, 99)},
             "bad": {"p50": percentile(ms_bad, 50), "p99": percentile(ms_bad, 99)},
         },
-        "seconds": round(wall, 1),
-        "requests_per_s": round(len(rows) / wall, 1),
-        "server_rss_mib_before": memory_before["VmRSS"],
-        "server_rss_mib_after": memory_after["VmRSS"],
-        "server_rss_mib_peak": memory_after["VmHWM"],
-        "server_cpu_s": round(cpu_after - cpu_before, 1),
-        "server_startup_s": round(startup_s, 1),
-        "max_upload_mb": MAX_UPLOAD_MB,
+        "seconds": round(run.wall, 1),
+        "requests_per_s": round(len(run.rows) / run.wall, 1),
+        "server_rss_mib_before": run.memory_before["VmRSS"],
+        "server_rss_mib_after": run.memory_after["VmRSS"],
+        "server_rss_mib_peak": run.memory_after["VmHWM"],
+        "server_cpu_s": round(run.cpu_after - run.cpu_before, 1),
+        "server_startup_s": round(run.startup_s, 1),
+    }
+
+
+def passed(checks: dict[str, Any], shot: dict[str, Any]) -> bool:
+    """No 5xx, no connection error, every status as expected, every good answer equal to predict_files."""
+    ok = (
+        checks["server_errors_5xx"] == 0
+        and checks["connection_errors"] == 0
+        and checks["wrong_status"] == 0
+        and checks["good_answers_different"] == 0
+        and checks["good_answers_equal_to_predict"] == checks["good_requests"]
+    )
+    return ok and shot.get("equals_predict", True)
+
+
+def model_facts(model: Path, standin: bool, weights: str | None, loaded: Any) -> dict[str, Any]:
+    from cxr.core.provenance import sha256_file
+
+    return {
         "model": model.name if not standin else "standin.keras",
         "model_sha256": sha256_file(model),
         "standin": standin,
@@ -278,39 +338,77 @@ def main() -> int:
         "image_size": loaded.image_size,
         "ood_gate": loaded.gate is not None,
         "runtime": loaded.runtime,
-        "screenshot": shot,
-        "ok": ok and shot.get("equals_predict", True),
     }
-    tmp.cleanup()
-    path = write_result("serve", result, machine_info())
+
+
+def print_table(result: dict[str, Any], run: LoadRun, distinct: int, n_files: int) -> None:
     lat = result["latency_ms"]
+    n_good, n_rows = result["good_requests"], result["requests"]
     print(
         table(
             ["figure", "value"],
             [
                 (
                     "requests (good / bad), concurrency",
-                    f"{len(rows)} ({n_good} / {len(rows) - n_good}), {args.concurrency}",
+                    f"{n_rows} ({n_good} / {n_rows - n_good}), {result['concurrency']}",
                 ),
                 ("statuses", ", ".join(f"{k}: {v}" for k, v in result["statuses"].items())),
-                ("5xx / connection errors / wrong 4xx", f"{server_errors} / {connection_errors} / {len(wrong_status)}"),
+                (
+                    "5xx / connection errors / wrong 4xx",
+                    f"{result['server_errors_5xx']} / {result['connection_errors']} / {result['wrong_status']}",
+                ),
                 (
                     "good answers equal to predict_files",
-                    f"{len(goods) - mismatches} of {n_good} ({distinct} distinct probabilities over {len(want)} files)",
+                    f"{result['good_answers_equal_to_predict']} of {n_good} ({distinct} distinct probabilities over {n_files} files)",
                 ),
                 ("latency p50 / p99, all (ms)", f"{lat['all']['p50']} / {lat['all']['p99']}"),
                 ("latency p50 / p99, good (ms)", f"{lat['good']['p50']} / {lat['good']['p99']}"),
                 ("latency p50 / p99, bad (ms)", f"{lat['bad']['p50']} / {lat['bad']['p99']}"),
-                ("throughput", f"{result['requests_per_s']} requests/s ({wall:.1f} s)"),
+                ("throughput", f"{result['requests_per_s']} requests/s ({run.wall:.1f} s)"),
                 (
                     "server RSS before → after (peak), MiB",
-                    f"{memory_before['VmRSS']} → {memory_after['VmRSS']} ({memory_after['VmHWM']})",
+                    f"{run.memory_before['VmRSS']} → {run.memory_after['VmRSS']} ({run.memory_after['VmHWM']})",
                 ),
-                ("model", f"{result['model']}{' (UNTRAINED stand-in)' if standin else ''}, {loaded.image_size} px"),
-                ("screenshot", shot.get("path") or shot.get("why")),
+                (
+                    "model",
+                    f"{result['model']}{' (UNTRAINED stand-in)' if result['standin'] else ''}, {result['image_size']} px",
+                ),
+                ("screenshot", run.shot.get("path") or run.shot.get("why")),
             ],
         )
     )
+
+
+def main() -> int:
+    args = parse_args()
+    from cxr.serving.inference import load_model
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
+    folder = Path(tmp.name)
+    model, standin, weights = choose_model(args.model, folder)
+    samples = sample_files()
+    # what `cxr predict` and `cxr serve` use by default (the LiteRT export when there is one)
+    loaded = load_model(model, runtime="auto")
+    want = expected_answers(samples, loaded)
+    distinct = len({round(w["probability"], 6) for w in want.values()})
+    good = {p.name: p.read_bytes() for p in samples}
+    bad = bad_uploads(folder, good[samples[0].name])
+    jobs, n_good = shuffled_jobs(good, bad, args.requests)
+    run = serve_under_load(model, folder, jobs, args.concurrency, good=good, bad=bad, want=want, sample=samples[0])
+
+    checks = answer_checks(run.rows, n_good, args.concurrency, bad)
+    result = {
+        **checks,
+        "distinct_probabilities_among_samples": f"{distinct} of {len(want)}",
+        **server_figures(run),
+        "max_upload_mb": MAX_UPLOAD_MB,
+        **model_facts(model, standin, weights, loaded),
+        "screenshot": run.shot,
+        "ok": passed(checks, run.shot),
+    }
+    tmp.cleanup()
+    path = write_result("serve", result, machine_info())
+    print_table(result, run, distinct, len(want))
     print(f"wrote {path.relative_to(ROOT)}")
     if not result["ok"]:
         print("error: a check failed (see serve.json)", file=sys.stderr)

@@ -11,4 +11,5 @@ server is started or a client made.
     testkit.serveapp    running: an ASGI app (cxr serve's) under uvicorn on 127.0.0.1 in a thread
     testkit.pipeline    sh (run a command as `make repro` does) and build_tiny_pipeline (a
                             throw-away git+DVC copy of the project, reproduced once on a synthetic archive)
+    testkit.backbone    the tiny pipeline's untrained backbone weights, whose features still differ between images
 """

@@ -50,8 +50,13 @@ def sh(
     return done
 
 
-def tiny_params(source: Path) -> dict:
-    """The project's params.yaml shrunk so that the whole pipeline runs in about a minute."""
+TINY_SIZE = 48  # the seed's CNN needs ≥ 46 px for its four poolings
+
+
+def tiny_params(source: Path, backbone_weights: Path) -> dict:
+    """The project's params.yaml shrunk so that the whole pipeline runs in about a minute.
+    `backbone_weights`: from `write_backbone_weights` (testkit.backbone), at `TINY_SIZE` and
+    transfer.alpha."""
     import yaml
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -60,13 +65,17 @@ def tiny_params(source: Path) -> dict:
     params["split"]["folds"] = 2  # each fold of ~19 patients still holds both classes
     params["cv"]["folds"] = [0, 1]
     params["ood"]["family_size"] = 6  # images per non-X-ray family: the logic, not the statistics
-    params["transfer"]["weights"] = "none"  # nothing to download in a test
+    # Nothing to download in a test, yet not `none`: that backbone answers one probability for
+    # every image (see testkit/backbone.py).
+    params["transfer"]["weights"] = str(backbone_weights)
     params["evaluate"]["bootstrap_samples"] = 50
     params["report"]["gradcam_per_outcome"] = 1
     for v in params["variants"].values():
-        v["image_size"] = 48  # the seed's CNN needs ≥ 46 px for its four poolings
+        v["image_size"] = TINY_SIZE
         v["epochs"] = 1
         v["batch_size"] = 8
+        if "alpha" in v:  # a variant's own backbone width: the one weights file must fit it too
+            v["alpha"] = params["transfer"]["alpha"]
     return params
 
 
@@ -83,13 +92,16 @@ def build_tiny_pipeline(folder: Path) -> tuple[Path, subprocess.CompletedProcess
         folder / "archive.zip",
         counts={"train": Counts(normal=8, bacteria=6, virus=5), "test": Counts(normal=4, bacteria=3, virus=3)},
     )
+    alpha = yaml.safe_load((ROOT / "params.yaml").read_text())["transfer"]["alpha"]
+    weights = folder / "backbone.weights.h5"
+    sh(ROOT, sys.executable, "-m", "testkit.backbone", str(weights), str(alpha), str(TINY_SIZE))
     work = folder / "origin"
     work.mkdir()
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, work / name)
     for sub in ("cxr", "stages"):
         shutil.copytree(ROOT / sub, work / sub, ignore=shutil.ignore_patterns("__pycache__"))
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(archive), sort_keys=False))
+    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(archive, weights), sort_keys=False))
     sh(work, "git", "init", "-q", "-b", "main")
     sh(work, DVC, "init", "-q")
     sh(work, DVC, "config", "core.analytics", "false")

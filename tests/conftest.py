@@ -11,10 +11,29 @@ import pytest
 
 from testkit.pipeline import DVC, ROOT, build_tiny_pipeline, sh
 
+# Read-only inputs beside the checkout (see ../shared/README.md): data/chest_xray_224.zip,
+# data/raw_sample (full-resolution originals), keras/models (offline ImageNet weights).
+SHARED = ROOT.parent / "shared"
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# ImageNet weights for the small MobileNets, offline (see ../shared/README.md).
-if (ROOT.parent / "shared" / "keras" / "models").is_dir():
-    os.environ.setdefault("KERAS_HOME", str(ROOT.parent / "shared" / "keras"))
+if (SHARED / "keras" / "models").is_dir():
+    os.environ.setdefault("KERAS_HOME", str(SHARED / "keras"))
+
+
+def require_shared(path: Path) -> Path:
+    """`path` (under ../shared) when it exists. Otherwise the test fails in CI, where ../shared is
+    always mounted, so a lost mount cannot pass as a green run of skips; elsewhere it is skipped."""
+    if path.exists():
+        return path
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{path} is missing: CI must mount ../shared (see ../shared/README.md)", pytrace=False)
+    pytest.skip(f"{path} is missing (../shared is not mounted here; see ../shared/README.md)")
+
+
+@pytest.fixture(name="require_shared", scope="session")
+def require_shared_fixture():
+    """`require_shared(path)` for the tests that read ../shared (see the function above)."""
+    return require_shared
 
 
 @pytest.fixture

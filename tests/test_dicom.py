@@ -114,10 +114,10 @@ def test_dicom_encodings_give_the_png_array(tmp_path):
             np.testing.assert_array_equal(got[s], want[s], err_msg=f"{name} at {s} px")
 
 
-@pytest.mark.skipif(not RAW_SAMPLE.is_dir(), reason="../shared/data/raw_sample not present")
-def test_raw_sample_as_dicom_predicts_what_the_png_does(tmp_path, model_path, capsys):
+def test_raw_sample_as_dicom_predicts_what_the_png_does(tmp_path, model_path, capsys, require_shared):
     """Real X-rays (one per class) as PNG and as each DICOM encoding: identical arrays at 224 px
     and identical probabilities from `cxr predict`."""
+    require_shared(RAW_SAMPLE)
     sources = [sorted((RAW_SAMPLE / c).glob("*.jpeg"))[0] for c in ("NORMAL", "PNEUMONIA")]
     for n, src in enumerate(sources):
         files = encodings(np.asarray(open_image(src), np.uint8), tmp_path / str(n))

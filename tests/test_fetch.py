@@ -496,8 +496,8 @@ def test_stage_script_fetches_and_reports_errors_in_one_line(archives: dict[str,
 REAL = ROOT.parent / "shared" / "data" / "chest_xray_224.zip"
 
 
-@pytest.mark.skipif(not REAL.is_file(), reason="../shared/data/chest_xray_224.zip is absent")
-def test_real_archive_over_ranges_matches_the_local_fetch(tmp_path: Path) -> None:
+def test_real_archive_over_ranges_matches_the_local_fetch(tmp_path: Path, require_shared) -> None:
+    require_shared(REAL)
     data = REAL.read_bytes()
     spans, compressed, cd_size = needed_bytes(data, ROOTS["v3"])
     local = run(str(REAL), tmp_path / "local")

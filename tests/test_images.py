@@ -112,10 +112,10 @@ def test_bad_arguments():
 RAW_SAMPLE = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "data" / "raw_sample"
 
 
-@pytest.mark.skipif(not RAW_SAMPLE.is_dir(), reason="../shared/data/raw_sample is not here")
-def test_pixels_at_a_size_do_not_depend_on_the_other_sizes_requested():
+def test_pixels_at_a_size_do_not_depend_on_the_other_sizes_requested(require_shared):
     """Preprocess asks for every variant's size at once, `cxr predict` for one: the same file must
     give the same pixels both ways, also above the 256 px draft floor (a DCT scale change)."""
+    require_shared(RAW_SAMPLE)
     sizes = [96, 160, 224, 320, 384]
     files = sorted(RAW_SAMPLE.rglob("*.jpeg"))
     assert len(files) >= 8

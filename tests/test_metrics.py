@@ -156,14 +156,12 @@ def test_specificity_by_series():
 
 
 @pytest.fixture(scope="module")
-def real_test_names() -> list[str]:
-    """File names of the real test set's normal images (skip without ../shared)."""
+def real_test_names(require_shared) -> list[str]:
+    """File names of the real test set's normal images (../shared)."""
     import zipfile
     from pathlib import Path
 
-    archive = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224.zip"
-    if not archive.is_file():
-        pytest.skip(f"{archive} not present")
+    archive = require_shared(Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray_224.zip")
     with zipfile.ZipFile(archive) as zf:
         return [
             n for n in zf.namelist() if "chest_xray/test/NORMAL/" in n and n.lower().endswith((".jpeg", ".jpg", ".png"))

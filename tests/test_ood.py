@@ -255,10 +255,10 @@ def test_view_check_tells_upright_films_from_rotated_flipped_inverted_and_croppe
         assert np.mean(view.logit(ood.thumbnails(wrong)) > cut) >= 0.95, name
 
 
-@pytest.mark.skipif(not ZIP_224.is_file(), reason="../shared/data/chest_xray_224.zip is absent")
-def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_films(tmp_path):
+def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_films(tmp_path, require_shared):
     """Fitted on 1,200 real official-train X-rays (64 px), thresholded at 99.7% of 300 others;
     the official test films and transforms of them (the ood stage's xray families)."""
+    require_shared(ZIP_224)
 
     def load(prefix: str, n: int) -> np.ndarray:
         with zipfile.ZipFile(ZIP_224) as zf:
@@ -282,9 +282,9 @@ def test_view_check_on_real_xrays_flags_the_transformed_families_not_the_test_fi
         assert np.mean(view.logit(ood.thumbnails(resized)) > cut) >= 0.9, family
 
 
-@pytest.mark.skipif(not ZIP_224.is_file(), reason="../shared/data/chest_xray_224.zip is absent")
-def test_image_checks_pass_every_real_xray(tmp_path):
+def test_image_checks_pass_every_real_xray(tmp_path, require_shared):
     """No real X-ray of the 224-px archive (RGB-stored JPEGs among them) fails a cheap check."""
+    require_shared(ZIP_224)
     flagged = []
     with zipfile.ZipFile(ZIP_224) as zf:
         names = [n for n in zf.namelist() if n.lower().endswith(".jpeg")]
@@ -315,8 +315,16 @@ def test_tiny_pipeline_gate_labels_what_is_not_an_xray(tiny_pipeline, tmp_path):
         "corner_crop",
     }
     assert metrics["families"]["constant"]["flag_rate"] == 1.0 and metrics["families"]["photos"]["flag_rate"] == 1.0
-    assert metrics["val_in_distribution"] >= 0.99 or metrics["n_val"] < 100
-    assert abs(metrics["refer_band"]["val_coverage"] - 0.9) <= 0.02 or metrics["n_val"] < 50
+    n_val, band = metrics["n_val"], metrics["refer_band"]
+    # The threshold is a validation score itself (a quantile, method "higher"), so at least
+    # keep_val of validation is in: every image of the tiny one, where one out is already 1/n_val > 1%.
+    assert metrics["val_in_distribution"] >= metrics["keep_val"]
+    # The narrowest band leaving ceil(coverage n) images answered: its edge is one image's margin,
+    # which float rounding puts on either side of the edge, so one fewer may be answered. A model
+    # giving every image one probability answers them all (a band of width 0).
+    answered = round(band["val_coverage"] * n_val)
+    wanted = math.ceil(band["target_coverage"] * n_val)
+    assert wanted - 1 <= answered <= wanted < n_val, (answered, wanted, n_val)
     assert (work / "models" / "cnn_baseline.ood.npz").is_file() and (
         work / "plots" / "cnn_baseline" / "risk_coverage.csv"
     ).is_file()

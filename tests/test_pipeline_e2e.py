@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -20,6 +22,17 @@ pytestmark = pytest.mark.slow
 
 def ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def probabilities(work: Path, name: str) -> dict[str, np.ndarray]:
+    """The model's probabilities for the validation and test images (the preprocessed caches)."""
+    from cxr.data.cache import load_split
+    from cxr.model.forward import predict_arrays
+    from cxr.serving.inference import load_model
+
+    loaded = load_model(work / "models" / f"{name}.keras", with_gate=False)
+    cache = work / "data" / "processed" / str(loaded.image_size)
+    return {split: predict_arrays(loaded.model, load_split(cache, split).x) for split in ("val", "test")}
 
 
 def test_every_stage_runs_and_writes_its_outputs(tiny_pipeline):
@@ -34,7 +47,14 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_pipeline):
     assert ran(tiny_pipeline.first_run) == expected
     for v in variants + [f"{v}_cv" for v in cv["variants"]]:
         export = json.loads((work / f"metrics/{v}_export.json").read_text())
-        assert export["max_abs_probability_diff"] <= 1e-4 and export["class_agreement"] == 1.0, v
+        assert export["tolerance"] == params["export"]["tolerance"], v
+        assert export["max_abs_probability_diff"] <= export["tolerance"], v
+        # Float kernels differ between CPUs: a probability within the tolerance of the threshold
+        # may fall on either side of it. Every class flip must be one of those, as the stage judges.
+        flips = round((1 - export["class_agreement"]) * export["n_images"])
+        assert flips == export["borderline_class_flips"], (v, export)
+        for split, p in probabilities(work, v).items():
+            assert np.std(p) > 1e-4, f"{v} gives one probability for every {split} image: {p[:3]}"
         assert (work / f"models/{v}.tflite").is_file() and json.loads((work / f"models/{v}.tflite.json").read_text())[
             "format"
         ] == "litert"

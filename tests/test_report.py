@@ -434,8 +434,6 @@ def make_project(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    if not (ROOT / "cxr" / "inference.py").exists():
-        pytest.skip("cxr/serving/inference.py (load_model, predict_arrays) is not in the tree yet")
     root = tmp_path_factory.mktemp("project")
     make_project(root)
     return root
@@ -477,12 +475,7 @@ def test_evaluate_and_report_stages(project, monkeypatch):
     assert {"roc_all.png", "comparison.png", "confusion_matrices.png", "training_curves.png"} <= figures
     page = (project / "plots" / "report.html").read_text()
     _check_page(page)
-    try:
-        import cxr.evaluation.gradcam  # noqa: F401
-    except ImportError:
-        assert "Grad-CAM unavailable" in page
-    else:
-        assert "gradcam_grid.png" in figures, done.stderr[-2000:]
+    assert "gradcam_grid.png" in figures, done.stderr[-2000:]
     assert not list(project.rglob("*.tmp*"))  # no leftovers of atomic writes
 
 

@@ -20,7 +20,10 @@ from cxr.data.fetch import MB, fetch
 ROOT = Path(__file__).resolve().parents[1]
 ZIP = ROOT.parent / "shared" / "data" / "chest_xray_224.zip"
 
-pytestmark = pytest.mark.skipif(not ZIP.exists(), reason=f"{ZIP} absent (../shared not mounted)")
+
+@pytest.fixture(scope="module", autouse=True)
+def real_archive(require_shared) -> Path:
+    return require_shared(ZIP)
 
 
 def run_split(project: Path, strategy: str) -> tuple[pd.DataFrame, dict]:

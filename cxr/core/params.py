@@ -429,14 +429,47 @@ def parse(raw: dict[str, Any]) -> Params:
     """Validate a params mapping (as read from params.yaml) into `Params`."""
     if not isinstance(raw, dict):
         raise CxrError("params.yaml must be a mapping of sections (base, fetch, split, ...)")
-    base = _section(raw, "base")
-    seed = base.get("seed")
+    # One section after the other, in this order, so that a file with several mistakes always reports the same first one.
+    seed = _parse_seed(raw)
+    fetch = _parse_fetch(raw)
+    split = _parse_split(raw)
+    pre = _parse_preprocess(raw)
+    train = _parse_train(raw)
+    transfer = _parse_transfer(raw)
+    variants = _parse_variants(raw, transfer)
+    evaluate = _parse_evaluate(raw)
+    report = _parse_report(raw, variants)
+    cv = _parse_cv(raw, split, variants)
+    ood = _parse_ood(raw)
+    predict = _parse_predict(raw)
+    export = _parse_export(raw)
+    params = Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report, cv, ood, predict, export)
+    return _trace_reads(params)
+
+
+def _trace_reads(params: Params) -> Params:
+    """Name each section, so that from now on reading one of its fields records `<section>.<field>`;
+    the checks in `parse` come before, so their reads are not counted as the stage's."""
+    for f in fields(Params):
+        if f.name == "variants":
+            for name, variant in params.variants.items():
+                _sectioned(variant, f"variants.{name}")
+        elif f.name != "seed":
+            _sectioned(getattr(params, f.name), f.name)
+    return params
+
+
+def _parse_seed(raw: dict[str, Any]) -> int:
+    seed = _section(raw, "base").get("seed")
     _check(
         isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0,
         "base.seed",
         f"must be a non-negative integer, got {seed!r}",
     )
+    return seed
 
+
+def _parse_fetch(raw: dict[str, Any]) -> FetchParams:
     fetch = _build(FetchParams, "fetch", _section(raw, "fetch"))
     _check(
         isinstance(fetch.source, str) and fetch.source.strip() != "",
@@ -445,7 +478,10 @@ def parse(raw: dict[str, Any]) -> Params:
     )
     _check(fetch.max_uncompressed_mb > 0, "fetch.max_uncompressed_mb", "must be positive")
     _check(fetch.timeout_s > 0, "fetch.timeout_s", "must be positive")
+    return fetch
 
+
+def _parse_split(raw: dict[str, Any]) -> SplitParams:
     split = _build(SplitParams, "split", _section(raw, "split"))
     _choice(split.strategy, "split.strategy", SPLIT_STRATEGIES)
     _check(
@@ -458,71 +494,96 @@ def parse(raw: dict[str, Any]) -> Params:
         "split.folds",
         f"must be 0 (no folds) or an integer of at least 2, got {split.folds!r}",
     )
+    return split
 
+
+def _parse_preprocess(raw: dict[str, Any]) -> PreprocessParams:
     pre = _build(PreprocessParams, "preprocess", _section(raw, "preprocess"))
     _choice(pre.resize, "preprocess.resize", RESIZE_MODES)
     _positive_int(pre.workers, "preprocess.workers")
+    return pre
 
+
+def _parse_train(raw: dict[str, Any]) -> TrainParams:
     train = _build(TrainParams, "train", _section(raw, "train"))
     _positive_int(train.patience, "train.patience")
     parse_threshold_rule(train.threshold_rule)
     _choice(train.distribute, "train.distribute", DISTRIBUTE)
+    return train
 
+
+def _parse_transfer(raw: dict[str, Any]) -> TransferParams:
     transfer = _build(TransferParams, "transfer", _section(raw, "transfer"))
     _choice(transfer.backbone, "transfer.backbone", BACKBONES)
     _check(transfer.alpha > 0, "transfer.alpha", "must be positive")
     _check(transfer.weights != "", "transfer.weights", "must be imagenet, none or a path to an .h5 file")
+    return transfer
 
+
+def _parse_variants(raw: dict[str, Any], transfer: TransferParams) -> dict[str, VariantParams]:
     variants_raw = _section(raw, "variants")
     _check(len(variants_raw) > 0, "variants", "must define at least one variant")
-    fields = set(VariantParams.__dataclass_fields__) - {"name", "extra"}
-    variants: dict[str, VariantParams] = {}
-    for name, values in variants_raw.items():
-        key = f"variants.{name}"
-        _check(isinstance(values, dict), key, "must be a mapping")
-        known = {k: v for k, v in values.items() if k in fields}
-        extra = {k: v for k, v in values.items() if k not in fields}
-        allowed = set(MODEL_EXTRAS.get(values.get("model"), {}))
-        if set(extra) - allowed:
-            raise CxrError(
-                f"params.yaml {key}: unknown key(s) {', '.join(sorted(set(extra) - allowed))}; known: {', '.join(sorted(fields | allowed))}"
-            )
-        v = _build(VariantParams, key, known, name=name, extra=extra)
-        _choice(v.model, f"{key}.model", MODELS)
-        _positive_int(v.image_size, f"{key}.image_size")
-        _positive_int(v.epochs, f"{key}.epochs")
-        if v.seed_epochs is not None:
-            _positive_int(v.seed_epochs, f"{key}.seed_epochs")
-        _positive_int(v.batch_size, f"{key}.batch_size")
-        _choice(v.optimizer, f"{key}.optimizer", OPTIMIZERS)
-        _check(v.learning_rate > 0, f"{key}.learning_rate", f"must be positive, got {v.learning_rate!r}")
-        _check(v.shared in raw, f"{key}.shared", f"names no params section '{v.shared}'")
-        _check_extras(v, key)
-        if v.image_size < MIN_MODEL_SIZE.get(v.model, 1):
-            _check(
-                False,
-                f"{key}.image_size",
-                f"{v.image_size} px is too small for model {v.model}; use at least {MIN_MODEL_SIZE[v.model]}",
-            )
-        if v.model in BACKBONE_MODELS:
-            backbone = v.backbone(transfer).backbone
-            minimum = MIN_BACKBONE_SIZE[backbone]
-            _check(
-                v.image_size >= minimum,
-                f"{key}.image_size",
-                f"{v.image_size} px is too small for backbone {backbone}; use at least {minimum}",
-            )
-        if v.model == "transfer_finetuned":
-            _check(
-                v.starts_from_model,
-                f"{key}.init_from",
-                "must name the trained transfer_frozen model (models/<name>.keras)",
-            )
-        variants[name] = v
+    return {name: _parse_variant(raw, name, values, transfer) for name, values in variants_raw.items()}
 
+
+def _parse_variant(raw: dict[str, Any], name: str, values: Any, transfer: TransferParams) -> VariantParams:
+    key = f"variants.{name}"
+    _check(isinstance(values, dict), key, "must be a mapping")
+    common = set(VariantParams.__dataclass_fields__) - {"name", "extra"}
+    known = {k: v for k, v in values.items() if k in common}
+    extra = {k: v for k, v in values.items() if k not in common}
+    allowed = set(MODEL_EXTRAS.get(values.get("model"), {}))
+    if set(extra) - allowed:
+        raise CxrError(
+            f"params.yaml {key}: unknown key(s) {', '.join(sorted(set(extra) - allowed))}; known: {', '.join(sorted(common | allowed))}"
+        )
+    v = _build(VariantParams, key, known, name=name, extra=extra)
+    _choice(v.model, f"{key}.model", MODELS)
+    _positive_int(v.image_size, f"{key}.image_size")
+    _positive_int(v.epochs, f"{key}.epochs")
+    if v.seed_epochs is not None:
+        _positive_int(v.seed_epochs, f"{key}.seed_epochs")
+    _positive_int(v.batch_size, f"{key}.batch_size")
+    _choice(v.optimizer, f"{key}.optimizer", OPTIMIZERS)
+    _check(v.learning_rate > 0, f"{key}.learning_rate", f"must be positive, got {v.learning_rate!r}")
+    _check(v.shared in raw, f"{key}.shared", f"names no params section '{v.shared}'")
+    _check_extras(v, key)
+    _check_variant_size(v, key, transfer)
+    if v.model == "transfer_finetuned":
+        _check(
+            v.starts_from_model,
+            f"{key}.init_from",
+            "must name the trained transfer_frozen model (models/<name>.keras)",
+        )
+    return v
+
+
+def _check_variant_size(v: VariantParams, key: str, transfer: TransferParams) -> None:
+    """The input is large enough for the model (the seed's CNN) and for its backbone."""
+    if v.image_size < MIN_MODEL_SIZE.get(v.model, 1):
+        _check(
+            False,
+            f"{key}.image_size",
+            f"{v.image_size} px is too small for model {v.model}; use at least {MIN_MODEL_SIZE[v.model]}",
+        )
+    if v.model in BACKBONE_MODELS:
+        backbone = v.backbone(transfer).backbone
+        minimum = MIN_BACKBONE_SIZE[backbone]
+        _check(
+            v.image_size >= minimum,
+            f"{key}.image_size",
+            f"{v.image_size} px is too small for backbone {backbone}; use at least {minimum}",
+        )
+
+
+def _parse_evaluate(raw: dict[str, Any]) -> EvaluateParams:
     evaluate = _build(EvaluateParams, "evaluate", _section(raw, "evaluate"))
     _positive_int(evaluate.bootstrap_samples, "evaluate.bootstrap_samples")
     _positive_int(evaluate.calibration_bins, "evaluate.calibration_bins")
+    return evaluate
+
+
+def _parse_report(raw: dict[str, Any], variants: dict[str, VariantParams]) -> ReportParams:
     report = _build(ReportParams, "report", _section(raw, "report", required=False))
     _choice(report.select_by, "report.select_by", SELECT_BY)
     _check(
@@ -533,6 +594,10 @@ def parse(raw: dict[str, Any]) -> Params:
         f"'{report.incumbent}' is not a variant (or <variant>{ENSEMBLE_SUFFIX}); use one of {', '.join(variants)} or null",
     )
     _number_in(report.select_margin, "report.select_margin", 0, 1)
+    return report
+
+
+def _parse_cv(raw: dict[str, Any], split: SplitParams, variants: dict[str, VariantParams]) -> CvParams:
     cv = _build(CvParams, "cv", _section(raw, "cv", required=False))
     _check(
         isinstance(cv.variants, list) and all(v in variants for v in cv.variants),
@@ -552,32 +617,29 @@ def parse(raw: dict[str, Any]) -> Params:
             "cv.folds",
             f"must list every fold of split.folds = {split.folds}: {list(range(split.folds))}, got {cv.folds!r}",
         )
+    return cv
+
+
+def _parse_ood(raw: dict[str, Any]) -> OodParams:
     ood = _build(OodParams, "ood", _section(raw, "ood", required=False))
     _number_in(ood.keep_val, "ood.keep_val", 0, 1, "(]")
     _number_in(ood.min_std, "ood.min_std", 0, 255, "[]")
     _number_in(ood.max_colourfulness, "ood.max_colourfulness", 0, 1000, "[]")
     _number_in(ood.max_aspect, "ood.max_aspect", 1, 1000, "[]")
     _positive_int(ood.family_size, "ood.family_size")
+    return ood
+
+
+def _parse_predict(raw: dict[str, Any]) -> PredictParams:
     predict = _build(PredictParams, "predict", _section(raw, "predict", required=False))
     _number_in(predict.refer_coverage, "predict.refer_coverage", 0, 1, "(]")
+    return predict
+
+
+def _parse_export(raw: dict[str, Any]) -> ExportParams:
     export = _build(ExportParams, "export", _section(raw, "export", required=False))
     _number_in(export.tolerance, "export.tolerance", 0, 0.01, "(]")
-    for section, obj in (
-        ("fetch", fetch),
-        ("split", split),
-        ("preprocess", pre),
-        ("train", train),
-        ("transfer", transfer),
-        ("evaluate", evaluate),
-        ("report", report),
-        ("cv", cv),
-        ("ood", ood),
-        ("predict", predict),
-        ("export", export),
-        *((f"variants.{n}", v) for n, v in variants.items()),
-    ):
-        _sectioned(obj, section)
-    return Params(seed, fetch, split, pre, train, transfer, variants, evaluate, report, cv, ood, predict, export)
+    return export
 
 
 def load(path: Path | str = PARAMS_FILE) -> Params:

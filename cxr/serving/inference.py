@@ -135,7 +135,16 @@ def load_model(path: Path | str, with_gate: bool = True, runtime: str = "keras")
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     path = Path(path)
-    hint = sidecar.fix_hint(path)
+    runtime = _choose_runtime(path, runtime)
+    meta = sidecar.read(path)
+    gate = Gate.load(gate_path(path)) if with_gate and gate_path(path).is_file() else None
+    if runtime == "litert":
+        return _load_litert(path, meta, gate)
+    return _load_keras(path, meta, gate)
+
+
+def _choose_runtime(path: Path, runtime: str) -> str:
+    """The runtime to load, "keras" or "litert" ("auto" resolved), once the files it needs are known to be there."""
     if path.suffix != ".keras":
         raise CxrError(f"{path}: not a .keras model file; pass models/<variant>.keras")
     exported = lite_path(path).is_file() and lite_meta_path(path).is_file()
@@ -148,20 +157,26 @@ def load_model(path: Path | str, with_gate: bool = True, runtime: str = "keras")
 
         runtime = "litert" if exported and lite_runtime.available() else "keras"
     if runtime == "keras" and not path.is_file():
-        raise CxrError(f"{path}: model file not found; {hint}")
-    meta = sidecar.read(path)
-    gate = Gate.load(gate_path(path)) if with_gate and gate_path(path).is_file() else None
-    if runtime == "litert":
-        lite = LiteModel.load(path, meta.image_size)
-        width = lite.features_width()
-        if gate is not None and width != len(gate.features.mean):
-            raise CxrError(
-                f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the export has {width}; rerun `dvc repro ood@{path.stem} export@{path.stem}`"
-            )
-        return LoadedModel(model=None, meta=meta, path=path, gate=gate, lite=lite)
+        raise CxrError(f"{path}: model file not found; {sidecar.fix_hint(path)}")
+    return runtime
 
+
+def _load_litert(path: Path, meta: sidecar.Sidecar, gate: Gate | None) -> LoadedModel:
+    """The LiteRT export; TensorFlow is never imported."""
+    lite = LiteModel.load(path, meta.image_size)
+    width = lite.features_width()
+    if gate is not None and width != len(gate.features.mean):
+        raise CxrError(
+            f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the export has {width}; rerun `dvc repro ood@{path.stem} export@{path.stem}`"
+        )
+    return LoadedModel(model=None, meta=meta, path=path, gate=gate, lite=lite)
+
+
+def _load_keras(path: Path, meta: sidecar.Sidecar, gate: Gate | None) -> LoadedModel:
+    """The Keras model, checked against its sidecar's input size and its gate's feature width."""
     import keras
 
+    hint = sidecar.fix_hint(path)
     if not zipfile.is_zipfile(path):
         raise CxrError(f"{path}: not a Keras archive (damaged or tampered); {hint}")
     try:

@@ -135,8 +135,8 @@ def test_freeze_batchnorm_reaches_nested_layers():
     assert not inner.layers[1].trainable and outer.layers[-1].trainable
 
 
-@pytest.mark.skipif(not (SHARED_KERAS / "models").is_dir(), reason="no offline ImageNet weights (../shared/keras)")
-def test_imagenet_mobilenet_v2_loads_offline_at_96():
+def test_imagenet_mobilenet_v2_loads_offline_at_96(require_shared):
+    require_shared(SHARED_KERAS / "models")
     params = tiny_params(size=96, weights="imagenet", alpha=0.35)
     variant = params.variant("transfer_frozen")
     imagenet = make_backbone(variant, params.transfer)
