@@ -120,19 +120,23 @@ def main() -> int:
         raise SystemExit(f"ranged and full fetches disagree: {ranged.counts} vs {full.counts}")
 
     print(
-        f"archive {len(data) / MB:.1f} MB: chest_xray {chest / MB:.1f} MB compressed ({ranged.files_written} images), OCT {oct_part / MB:.1f} MB ({result['oct_to_chest']}x)"
+        f"archive {len(data) / MB:.1f} MB: chest_xray {chest / MB:.1f} MB compressed "
+        f"({ranged.files_written} images), OCT {oct_part / MB:.1f} MB ({result['oct_to_chest']}x)"
     )
     print(f"{'mode':<8} {'MB sent':>9} {'÷ chest':>8} {'requests':>9} {'median s':>9}  all s")
     for mode in runs:
         r = result[mode]
         print(
-            f"{mode:<8} {r['bytes_transferred'] / MB:>9.2f} {r['ratio_to_chest_compressed']:>8.3f} {r['requests']:>9} {r['seconds_median']:>9.3f}  {r['seconds_all']}"
+            f"{mode:<8} {r['bytes_transferred'] / MB:>9.2f} {r['ratio_to_chest_compressed']:>8.3f} "
+            f"{r['requests']:>9} {r['seconds_median']:>9.3f}  {r['seconds_all']}"
         )
     print(
-        f"ranged ÷ chest compressed = {result['ranged']['ratio_to_chest_compressed']:.3f} (goal ≤ 1.05: {'met' if result['goal_ratio_met'] else 'NOT met'}); ranged is {result['speedup']}x faster on loopback"
+        f"ranged ÷ chest compressed = {result['ranged']['ratio_to_chest_compressed']:.3f} (goal ≤ 1.05: "
+        f"{'met' if result['goal_ratio_met'] else 'NOT met'}); ranged is {result['speedup']}x faster on loopback"
     )
     print(
-        f"fsspec moves {result['fsspec']['ratio_to_chest_compressed']:.3f}x in {result['fsspec']['requests']} requests but neither resumes a dropped connection nor falls back to a whole download (docs/design.md, fetch)"
+        f"fsspec moves {result['fsspec']['ratio_to_chest_compressed']:.3f}x in {result['fsspec']['requests']} "
+        "requests but neither resumes a dropped connection nor falls back to a whole download (docs/design.md, fetch)"
     )
     write_result("fetch", result)
     return 0

@@ -83,7 +83,8 @@ def profile_top(fn: Any, n: int = 12) -> str:
 
 
 def exported_copy(model_path: Path, folder: Path) -> Path:
-    """`model_path` itself when export@<v> wrote its .tflite, else a copy (with sidecar and gate) exported into `folder`."""
+    """`model_path` itself when export@<v> wrote its .tflite, else a copy (with sidecar and gate) exported
+    into `folder`."""
     if runtime.lite_path(model_path).is_file():
         return model_path
     from cxr.serving.export import export_litert, write_export

@@ -338,12 +338,14 @@ def print_report(result: dict[str, Any], before: dict[str, Any], profile: bool) 
             )
         )
     print(
-        f"{result['images']} files ({result['input_mb']} MB, copies of {result['distinct_originals']} originals) → sizes {result['sizes']} ({result['resize']}); {machine_line(before)}"
+        f"{result['images']} files ({result['input_mb']} MB, copies of {result['distinct_originals']} "
+        f"originals) → sizes {result['sizes']} ({result['resize']}); {machine_line(before)}"
     )
     print(table(["method", "images/s", "median s", "CPU ms/img", "CPU-bound img/s", "note"], rows, "lrrrrl"))
     print(
-        f"decode_all is {result['speedup_vs_plain_same_processes']}x plain PIL with the same {result['workers']} processes, "
-        f"{result['speedup_vs_plain_1_process']}x plain PIL in 1 process; pixels equal to sequential load_resized: {result['decode_all_matches_sequential_pixels']}"
+        f"decode_all is {result['speedup_vs_plain_same_processes']}x plain PIL with the same {result['workers']} "
+        f"processes, {result['speedup_vs_plain_1_process']}x plain PIL in 1 process; pixels equal to sequential "
+        f"load_resized: {result['decode_all_matches_sequential_pixels']}"
     )
     for name, same in result["candidates_match_sequential_pixels"].items():
         print(f"{name}: pixels equal to load_resized: {same}")
@@ -355,7 +357,8 @@ def print_report(result: dict[str, Any], before: dict[str, Any], profile: bool) 
         )
         ipc = result["ipc_only"]
         print(
-            f"Pool + pickling + assembly alone: {ipc['ms_per_image']:.2f} ms/image ({ipc['images_per_s']:.0f} images/s; pool start+stop {ipc['pool_start_and_stop_s']:.2f} s); "
+            f"Pool + pickling + assembly alone: {ipc['ms_per_image']:.2f} ms/image "
+            f"({ipc['images_per_s']:.0f} images/s; pool start+stop {ipc['pool_start_and_stop_s']:.2f} s); "
             f"writing the cache: {result['write']['ms_per_image']:.2f} ms/image"
         )
 

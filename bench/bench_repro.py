@@ -7,8 +7,8 @@ Which project it measures (stated in the output and the JSON as "project"):
         is timed in place (it has nothing to do, so it changes nothing; rechecked before each run).
   tiny  otherwise: a throw-away git+DVC project in a temp folder, the tests' tiny_pipeline
         (testkit.pipeline.build_tiny_pipeline: synthetic archive, every variant at a few dozen px for
-        1 epoch), fully reproduced once, then timed. Its data folders hold a few dozen files, so hashing costs less than in
-        the real project with ~5,900 images: read it as a lower bound.
+        1 epoch), fully reproduced once, then timed. Its data folders hold a few dozen files, so hashing
+        costs less than in the real project with ~5,900 images: read it as a lower bound.
 
 Goal 1: a no-op `dvc repro` takes ≤ 3 s (median of --repeats) and runs no stage.
 Goal 2: after changing one variant's parameter (learning_rate × 10, in a scratch copy: the

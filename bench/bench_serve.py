@@ -359,7 +359,8 @@ def print_table(result: dict[str, Any], run: LoadRun, distinct: int, n_files: in
                 ),
                 (
                     "good answers equal to predict_files",
-                    f"{result['good_answers_equal_to_predict']} of {n_good} ({distinct} distinct probabilities over {n_files} files)",
+                    f"{result['good_answers_equal_to_predict']} of {n_good} "
+                    f"({distinct} distinct probabilities over {n_files} files)",
                 ),
                 ("latency p50 / p99, all (ms)", f"{lat['all']['p50']} / {lat['all']['p99']}"),
                 ("latency p50 / p99, good (ms)", f"{lat['good']['p50']} / {lat['good']['p99']}"),
@@ -371,7 +372,8 @@ def print_table(result: dict[str, Any], run: LoadRun, distinct: int, n_files: in
                 ),
                 (
                     "model",
-                    f"{result['model']}{' (UNTRAINED stand-in)' if result['standin'] else ''}, {result['image_size']} px",
+                    f"{result['model']}{' (UNTRAINED stand-in)' if result['standin'] else ''}, "
+                    f"{result['image_size']} px",
                 ),
                 ("screenshot", run.shot.get("path") or run.shot.get("why")),
             ],

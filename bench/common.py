@@ -71,7 +71,10 @@ def machine_info() -> dict[str, Any]:
 def machine_line(info: dict[str, Any] | None = None) -> str:
     info = info or machine_info()
     load = info.get("load_average_1_5_15") or ["?"]
-    return f"{info['nproc']} cores ({info['cpu_model']}), load average {load[0]} (1 min), commit {str(info.get('git_commit'))[:12]}"
+    return (
+        f"{info['nproc']} cores ({info['cpu_model']}), load average "
+        f"{load[0]} (1 min), commit {str(info.get('git_commit'))[:12]}"
+    )
 
 
 def sample_files(n: int | None = None, root: Path = SAMPLES) -> list[Path]:

@@ -60,13 +60,15 @@ def rows_fetch(r: dict[str, Any]) -> list[Row]:
         row(
             "fetch: bytes sent ÷ compressed chest_xray members (ranged, loopback, synthetic v3 archive)",
             "≤ 1.05",
-            f"{ranged['ratio_to_chest_compressed']:.3f} ({ranged['requests']} requests; whole download {full['ratio_to_chest_compressed']:.2f})",
+            f"{ranged['ratio_to_chest_compressed']:.3f} ({ranged['requests']} "
+            f"requests; whole download {full['ratio_to_chest_compressed']:.2f})",
             ranged["ratio_to_chest_compressed"] <= 1.05,
         ),
         row(
             "fetch: wall time, ranged vs whole download (loopback: no latency/bandwidth limit)",
             "ranged < whole",
-            f"{ranged['seconds_median']:.2f} s vs {full['seconds_median']:.2f} s ({r['speedup']}x, median of {r['repeats']})",
+            f"{ranged['seconds_median']:.2f} s vs {full['seconds_median']:.2f} "
+            f"s ({r['speedup']}x, median of {r['repeats']})",
             ranged["seconds_median"] < full["seconds_median"],
         ),
     ]
@@ -78,9 +80,11 @@ def rows_preprocess(r: dict[str, Any]) -> list[Row]:
     real, plain_1, plain_n = m[names[0]], m[names[2]], m[names[3]]
     return [
         row(
-            f"preprocess: decode_all, {r['images']} full-res JPEGs → {r['sizes']} ({r['resize']}), {r['workers']} workers",
+            f"preprocess: decode_all, {r['images']} full-res JPEGs → "
+            f"{r['sizes']} ({r['resize']}), {r['workers']} workers",
             "≥ 150 images/s",
-            f"{real['images_per_s']:.0f} img/s ({real['cpu_ms_per_image']:.1f} CPU ms/img); plain PIL {plain_n['images_per_s']:.0f} ({r['workers']} proc), "
+            f"{real['images_per_s']:.0f} img/s ({real['cpu_ms_per_image']:.1f} CPU "
+            f"ms/img); plain PIL {plain_n['images_per_s']:.0f} ({r['workers']} proc), "
             f"{plain_1['images_per_s']:.0f} (1 proc)",
             r["goal_met"],
         )
@@ -94,7 +98,8 @@ def rows_repro(r: dict[str, Any]) -> list[Row]:
         row(
             f"`dvc repro`, nothing changed ({project})",
             "≤ 3 s, no stage runs",
-            f"{noop['seconds_median']:.2f} s median of {len(noop['seconds_all'])} ({noop.get('cpu_s_median', '?')} CPU s); ran: {', '.join(noop['stages_ran']) or 'nothing'}",
+            f"{noop['seconds_median']:.2f} s median of {len(noop['seconds_all'])} "
+            f"({noop.get('cpu_s_median', '?')} CPU s); ran: {', '.join(noop['stages_ran']) or 'nothing'}",
             noop["goal_met"],
         ),
         row(
@@ -118,7 +123,8 @@ def rows_predict(r: dict[str, Any]) -> list[Row]:
         row(
             f"`cxr predict` batch ÷ decode-only: {r['images']} full-res files ({model}, {r['image_size']} px), LiteRT",
             "≥ 0.8",
-            f"{lite['throughput_over_decode']:.2f} ({lite['files_images_per_s']:.0f} vs {lite['decode_only_images_per_s']:.0f} img/s; Keras {k['throughput_over_decode']:.2f})",
+            f"{lite['throughput_over_decode']:.2f} ({lite['files_images_per_s']:.0f} vs "
+            f"{lite['decode_only_images_per_s']:.0f} img/s; Keras {k['throughput_over_decode']:.2f})",
             r["meets_throughput_goal"],
         ),
         row(
@@ -130,7 +136,8 @@ def rows_predict(r: dict[str, Any]) -> list[Row]:
         row(
             "`cxr predict` cold start, 1 image (process start → exit), LiteRT",
             "≤ 1.0 s",
-            f"{lite['cold_start_cli_s_median']:.2f} s wall, {lite['cold_start_cli_cpu_s_median']:.2f} CPU s (Keras {k['cold_start_cli_s_median']:.1f} s)",
+            f"{lite['cold_start_cli_s_median']:.2f} s wall, {lite['cold_start_cli_cpu_s_median']:.2f} "
+            f"CPU s (Keras {k['cold_start_cli_s_median']:.1f} s)",
             r["meets_cold_goal"],
         ),
     ]
@@ -141,7 +148,8 @@ def rows_serve(r: dict[str, Any]) -> list[Row]:
     lat = r["latency_ms"]["all"]
     return [
         row(
-            f"`cxr serve`: {r['requests']} uploads ({r['bad_requests']} bad, {len(r['bad_kinds'])} kinds) at concurrency {r['concurrency']}, loopback ({model}, {r['image_size']} px)",
+            f"`cxr serve`: {r['requests']} uploads ({r['bad_requests']} bad, {len(r['bad_kinds'])} "
+            f"kinds) at concurrency {r['concurrency']}, loopback ({model}, {r['image_size']} px)",
             "0 5xx; every bad one its 4xx; answers = `cxr predict`",
             f"{r['server_errors_5xx']} 5xx, {r['connection_errors']} dropped, {r['wrong_status']} wrong 4xx; "
             f"{r['good_answers_equal_to_predict']} of {r['good_requests']} equal",
@@ -150,7 +158,8 @@ def rows_serve(r: dict[str, Any]) -> list[Row]:
         row(
             "`cxr serve` latency p50 / p99 under that load; server RSS before → after",
             "(no goal set)",
-            f"{lat['p50']:.0f} / {lat['p99']:.0f} ms, {r['requests_per_s']:.0f} requests/s; {r['server_rss_mib_before']:.0f} → {r['server_rss_mib_after']:.0f} MiB",
+            f"{lat['p50']:.0f} / {lat['p99']:.0f} ms, {r['requests_per_s']:.0f} requests/s; "
+            f"{r['server_rss_mib_before']:.0f} → {r['server_rss_mib_after']:.0f} MiB",
             None,
         ),
     ]
@@ -282,7 +291,8 @@ def read_quality() -> tuple[list[Row], dict[str, Any]]:
         goal_s = f"≥ {goal}" if key == "roc_auc" else f"≥ {100 * goal:.0f}%"
         rows.append(
             row(
-                f"quality: {best} test {short} (threshold {metrics.get('threshold', float('nan')):.3f} from validation, n={metrics.get('n_test')})",
+                f"quality: {best} test {short} (threshold {metrics.get('threshold', float('nan')):.3f} "
+                f"from validation, n={metrics.get('n_test')})",
                 goal_s,
                 shown,
                 None if value is None else value >= goal,
@@ -422,7 +432,8 @@ def main() -> int:
     machine_after = machine_info()
 
     print(
-        f"\n{machine_line(machine)}; load average after: {machine_after['load_average_1_5_15'][0] if machine_after['load_average_1_5_15'] else '?'}"
+        f"\n{machine_line(machine)}; load average after: "
+        f"{machine_after['load_average_1_5_15'][0] if machine_after['load_average_1_5_15'] else '?'}"
         f"{'; --quick' if args.quick else ''}{'; --reuse (figures from earlier runs)' if args.reuse else ''}"
     )
     print(

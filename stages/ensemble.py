@@ -1,7 +1,8 @@
 """Stage `ensemble@<variant>`: average a variant's k fold models into one model, `<variant>_cv`,
 and choose its threshold on the out-of-fold predictions of every official-train image.
 
-    python stages/ensemble.py VARIANT     # (dvc repro ensemble@VARIANT) → models/VARIANT_cv.{keras,json}, metrics/VARIANT_cv_{oof,stress}.json
+    python stages/ensemble.py VARIANT     # (dvc repro ensemble@VARIANT) → models/VARIANT_cv.{keras,json},
+                                              metrics/VARIANT_cv_{oof,stress}.json
 
 The fold models come from `train_fold@VARIANT-<k>` (models/cv/VARIANT/fold<k>.*). Each image's
 out-of-fold probability comes from the one fold model that never trained on it, so the k
@@ -58,8 +59,10 @@ def main() -> int:
     write_json(paths.metrics_path(out, "stress"), stress)
     v = result.meta.val
     print(
-        f"ensemble@{name}: {len(members)} fold models → models/{out}.keras; out-of-fold n={v.n} roc_auc={v.roc_auc:.4f} "
-        f"threshold={result.meta.threshold:.3f} ({result.meta.threshold_rule}) sensitivity={v.sensitivity:.3f} specificity={v.specificity:.3f}; "
+        f"ensemble@{name}: {len(members)} fold models → "
+        f"models/{out}.keras; out-of-fold n={v.n} roc_auc={v.roc_auc:.4f} "
+        f"threshold={result.meta.threshold:.3f} ({result.meta.threshold_rule}) "
+        f"sensitivity={v.sensitivity:.3f} specificity={v.specificity:.3f}; "
         f"mean stress roc_auc {stress['mean']['roc_auc']:.4f}"
     )
     return 0

@@ -38,7 +38,8 @@ def main() -> int:
     write_export(model_path, blob, record)
     write_json(paths.metrics_path(name, "export"), parity)
     print(
-        f"export@{name}: {parity['size_mb']} MB, max |dp| {parity['max_abs_probability_diff']:.1e} on {parity['n_images']} val+test images, "
+        f"export@{name}: {parity['size_mb']} MB, max |dp| "
+        f"{parity['max_abs_probability_diff']:.1e} on {parity['n_images']} val+test images, "
         f"final labels (with the gate) agree on {parity['label_agreement']:.1%}"
     )
     return 0

@@ -109,7 +109,8 @@ def print_summary(name: str, metrics: dict[str, Any]) -> None:
     b = metrics["refer_band"]
     print(f"ood@{name}: test false flags {metrics['test_false_flag_rate']:.3f}; flagged {rates}")
     print(
-        f"ood@{name}: refer band [{b['low']:.4f}, {b['high']:.4f}] answers {b['val_coverage']:.3f} of val, {b['test']['coverage']:.3f} of test"
+        f"ood@{name}: refer band [{b['low']:.4f}, {b['high']:.4f}] answers "
+        f"{b['val_coverage']:.3f} of val, {b['test']['coverage']:.3f} of test"
     )
 
 

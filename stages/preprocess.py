@@ -33,7 +33,8 @@ def main() -> int:
     with atomic_dir(paths.PROCESSED) as tmp:
         write_cache(tmp, manifest, arrays)
     print(
-        f"preprocess: {len(manifest)} images → sizes {sizes} ({params.preprocess.resize}) in {seconds:.1f} s, {len(manifest) / seconds:.0f} images/s"
+        f"preprocess: {len(manifest)} images → sizes {sizes} ({params.preprocess.resize}) "
+        f"in {seconds:.1f} s, {len(manifest) / seconds:.0f} images/s"
     )
     return 0
 

@@ -65,7 +65,8 @@ def main() -> int:
             fh.write(page)
         write_json(paths.SUMMARY, summary)
     print(
-        f"report: best = {best} by {summary['selected_by']} ({summary['variants'][best][summary['select_by']]:.4f}); plots/report.html"
+        f"report: best = {best} by {summary['selected_by']} "
+        f"({summary['variants'][best][summary['select_by']]:.4f}); plots/report.html"
     )
     return 0
 

@@ -1,6 +1,7 @@
 """Site-calibration learning curve: what a hospital gets from N local labelled images.
 
-    python stages/site_curve.py [MODEL]     # (dvc repro site_curve) plots/MODEL/predictions.csv → metrics/site_curve.json
+    python stages/site_curve.py [MODEL]     # (dvc repro site_curve) plots/MODEL/predictions.csv
+                                                → metrics/site_curve.json
 
 MODEL defaults to `best` in metrics/summary.json. Reads only the committed test predictions
 (path, label, probability, predicted), so no model runs: for N in NS, DRAWS draws of whole

@@ -1,8 +1,10 @@
 """Stage `train@<variant>` (and `train_fold@<variant>-<k>`): fit one variant on the preprocessed
 cache and choose its threshold on validation.
 
-    python stages/train.py VARIANT            # (dvc repro train@VARIANT) → models/VARIANT.{keras,json}, dvclive/VARIANT/, metrics/VARIANT_stress.json
-    python stages/train.py VARIANT --fold K   # (dvc repro train_fold@VARIANT-K) → models/cv/VARIANT/foldK.{keras,json,oof.csv}
+    python stages/train.py VARIANT            # (dvc repro train@VARIANT) → models/VARIANT.{keras,json},
+                                                  dvclive/VARIANT/, metrics/VARIANT_stress.json
+    python stages/train.py VARIANT --fold K   # (dvc repro train_fold@VARIANT-K)
+                                                  → models/cv/VARIANT/foldK.{keras,json,oof.csv}
 
 Per-epoch loss / AUC go to dvclive/VARIANT/plots/metrics and dvclive/VARIANT/metrics.json; the
 decision threshold follows train.threshold_rule on validation with the restored best weights.
@@ -37,7 +39,8 @@ def main() -> int:
     variant = params.variant(name)
     if args.fold is not None and (name not in params.cv.variants or args.fold not in params.cv.folds):
         raise CxrError(
-            f"--fold {args.fold} for {name}: params.yaml cv.variants {params.cv.variants} and cv.folds {params.cv.folds} must include them"
+            f"--fold {args.fold} for {name}: params.yaml cv.variants "
+            f"{params.cv.variants} and cv.folds {params.cv.folds} must include them"
         )
     # TensorFlow loads only once params.yaml is known to be good: a bad value fails in a second.
     from cxr.evaluation.stress import stress_summary
@@ -63,7 +66,10 @@ def main() -> int:
                 model_path = paths.model_path(name, root)
                 save_result(result, model_path, paths.sidecar_path(model_path))
                 write_json(paths.metrics_path(name, "stress", root), stress)
-            written = f"models/{name}.keras, models/{name}.json and metrics/{name}_stress.json (mean stress roc_auc {stress['mean']['roc_auc']:.4f})"
+            written = (
+                f"models/{name}.keras, models/{name}.json and metrics/{name}_stress.json "
+                f"(mean stress roc_auc {stress['mean']['roc_auc']:.4f})"
+            )
         else:
             result = train_variant(variant, params, train, val)
             model_path, meta_path, oof_path = paths.fold_paths(name, args.fold, root)

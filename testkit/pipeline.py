@@ -45,7 +45,8 @@ def sh(
     done = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise CommandError(
-            f"`{' '.join(map(str, args))}` in {cwd} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            f"`{' '.join(map(str, args))}` in {cwd} failed "
+            f"({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         )
     return done
 

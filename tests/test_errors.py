@@ -324,7 +324,8 @@ PARAM_CASES = {
         ["train", "transfer_frozen"],
         set_key("variants.transfer_frozen.image_size", 16),
         [
-            "params.yaml variants.transfer_frozen.image_size: 16 px is too small for backbone mobilenet_v2; use at least 32"
+            "params.yaml variants.transfer_frozen.image_size: 16 px "
+            "is too small for backbone mobilenet_v2; use at least 32"
         ],
     ),
     "missing-train-section": (

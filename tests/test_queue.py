@@ -67,7 +67,8 @@ def test_queued_grid_runs_each_value_and_exp_show_lists_them(tiny_pipeline, tmp_
         while not (len(states) == len(names) and set(states.values()) <= DONE):
             if time.monotonic() > deadline:
                 pytest.fail(
-                    f"queued experiments still not done after {WAIT_S}s: {states}\n{sh(work, DVC, 'queue', 'status').stdout}"
+                    f"queued experiments still not done after {WAIT_S}s: "
+                    f"{states}\n{sh(work, DVC, 'queue', 'status').stdout}"
                 )
             time.sleep(2)
             states = queue_states(work, names)

@@ -1,4 +1,5 @@
-"""cxr.evaluation.report (loading, selection, the page), cxr.evaluation.figures, and the evaluate/report stages on a tiny fake project."""
+"""cxr.evaluation.report (loading, selection, the page), cxr.evaluation.figures, and the evaluate/report stages
+on a tiny fake project."""
 
 from __future__ import annotations
 

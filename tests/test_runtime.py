@@ -115,7 +115,10 @@ def test_export_refuses_a_model_it_cannot_reproduce(exported, monkeypatch):
     monkeypatch.setattr(cxr.serving.export, "keras_outputs", lambda m, x: (real(m, x)[0] + 1e-3, real(m, x)[1]))
     with pytest.raises(
         CxrError,
-        match=r"the LiteRT export differs from Keras \(max \|dp\| 1.00e-03, \d+ class disagreements on 8 images\); nothing written",
+        match=(
+            r"the LiteRT export differs from Keras \(max \|dp\| 1.00e-03, "
+            r"\d+ class disagreements on 8 images\); nothing written"
+        ),
     ):
         export_litert(loaded, images(8))
 
@@ -125,8 +128,10 @@ def test_cxr_predict_with_the_export_never_imports_tensorflow(exported, tmp_path
     image = tmp_path / "one.png"
     Image.fromarray(xray(1)).save(image)
     code = (
-        "import sys, json; from cxr.serving.cli import cli; status = cli(['predict', sys.argv[1], '--model', sys.argv[2], '--format', 'json']);"
-        "print(json.dumps({'status': status, 'tf': [m for m in ('tensorflow', 'keras') if m in sys.modules]}), file=sys.stderr)"
+        "import sys, json; from cxr.serving.cli import cli; status = "
+        "cli(['predict', sys.argv[1], '--model', sys.argv[2], '--format', 'json']);"
+        "print(json.dumps({'status': status, 'tf': [m for m in "
+        "('tensorflow', 'keras') if m in sys.modules]}), file=sys.stderr)"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(image), str(exported)], capture_output=True, text=True, check=True

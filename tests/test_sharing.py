@@ -206,7 +206,8 @@ def test_push_killed_part_way_then_run_again_loses_nothing(tiny_pipeline, tmp_pa
                 if push.poll() is not None:
                     log.seek(0)
                     pytest.fail(
-                        f"dvc push ended ({push.returncode}) before it could be interrupted ({stats}):\n{log.read()[-2000:]}"
+                        f"dvc push ended ({push.returncode}) before it could "
+                        f"be interrupted ({stats}):\n{log.read()[-2000:]}"
                     )
                 if time.monotonic() > deadline:
                     pytest.fail(f"dvc push made no progress to interrupt within {PUSH_TIMEOUT_S}s ({stats})")

@@ -274,7 +274,8 @@ class Params:
             return self.variants[name.removesuffix(ENSEMBLE_SUFFIX)]
         if name not in self.variants:
             raise CxrError(
-                f"unknown variant '{name}' in params.yaml variants (or a k-fold ensemble <v>_cv of cv.variants); known: {', '.join(self.model_names)}"
+                f"unknown variant '{name}' in params.yaml variants (or a k-fold "
+                f"ensemble <v>_cv of cv.variants); known: {', '.join(self.model_names)}"
             )
         return self.variants[name]
 
@@ -371,7 +372,8 @@ def _number_in(value: Any, key: str, low: float, high: float, closed: str = "[)"
 
 
 def parse_threshold_rule(rule: Any) -> tuple[str, float | None]:
-    """`youden` → ("youden", None); `sensitivity:0.97` → ("sensitivity", 0.97); `calibrated_0.5` → ("calibrated", 0.5)."""
+    """`youden` → ("youden", None); `sensitivity:0.97` → ("sensitivity", 0.97);
+    `calibrated_0.5` → ("calibrated", 0.5)."""
     if rule in ("youden", "stress_youden"):
         return rule, None
     if rule == "calibrated_0.5":
@@ -384,7 +386,8 @@ def parse_threshold_rule(rule: Any) -> tuple[str, float | None]:
         if 0 < target <= 1:
             return "sensitivity", target
     raise CxrError(
-        f"params.yaml train.threshold_rule: '{rule}' is not one of {', '.join(THRESHOLD_RULES)} (target in (0, 1], e.g. sensitivity:0.97)"
+        f"params.yaml train.threshold_rule: '{rule}' is not one of "
+        f"{', '.join(THRESHOLD_RULES)} (target in (0, 1], e.g. sensitivity:0.97)"
     )
 
 
@@ -429,7 +432,8 @@ def parse(raw: dict[str, Any]) -> Params:
     """Validate a params mapping (as read from params.yaml) into `Params`."""
     if not isinstance(raw, dict):
         raise CxrError("params.yaml must be a mapping of sections (base, fetch, split, ...)")
-    # One section after the other, in this order, so that a file with several mistakes always reports the same first one.
+    # One section after the other, in this order, so that a file with several mistakes always reports the
+    # same first one.
     seed = _parse_seed(raw)
     fetch = _parse_fetch(raw)
     split = _parse_split(raw)
@@ -535,7 +539,8 @@ def _parse_variant(raw: dict[str, Any], name: str, values: Any, transfer: Transf
     allowed = set(MODEL_EXTRAS.get(values.get("model"), {}))
     if set(extra) - allowed:
         raise CxrError(
-            f"params.yaml {key}: unknown key(s) {', '.join(sorted(set(extra) - allowed))}; known: {', '.join(sorted(common | allowed))}"
+            f"params.yaml {key}: unknown key(s) {', '.join(sorted(set(extra) - allowed))}; "
+            f"known: {', '.join(sorted(common | allowed))}"
         )
     v = _build(VariantParams, key, known, name=name, extra=extra)
     _choice(v.model, f"{key}.model", MODELS)

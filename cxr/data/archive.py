@@ -77,7 +77,8 @@ def check_names(names: Iterable[str], display: str) -> None:
         parts = re.split(r"[\\/]", name)
         if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in parts:
             raise CxrError(
-                f"{display}: member '{name}' has an absolute or '..' path (zip-slip); refusing the archive, get it from its original source"
+                f"{display}: member '{name}' has an absolute or '..' path "
+                "(zip-slip); refusing the archive, get it from its original source"
             )
 
 
@@ -96,7 +97,8 @@ def find_root(names: Iterable[str], display: str) -> str:
                     found.add(parts[i + 1])
     if not splits:
         raise CxrError(
-            f"{display}: no '{ROOT_NAME}' folder in it; point fetch.source at the Mendeley chest X-ray archive (or the Kaggle copy)"
+            f"{display}: no '{ROOT_NAME}' folder in it; point fetch.source "
+            "at the Mendeley chest X-ray archive (or the Kaggle copy)"
         )
     complete = [p for p, s in splits.items() if set(OFFICIAL_SPLITS) <= s]
     if not complete:
@@ -107,7 +109,8 @@ def find_root(names: Iterable[str], display: str) -> str:
     best = sorted(p for p in complete if p.count("/") == depth)
     if len(best) > 1:
         raise CxrError(
-            f"{display}: several '{ROOT_NAME}' folders at the same depth ({', '.join(best)}); point fetch.source at one of them"
+            f"{display}: several '{ROOT_NAME}' folders at the same depth "
+            f"({', '.join(best)}); point fetch.source at one of them"
         )
     return best[0]
 
@@ -139,7 +142,8 @@ def select(names: Iterable[str], root: str, display: str) -> tuple[list[Pick], d
         for cls in CLASSES:
             if not counts[f"{split}/{cls}"]:
                 raise CxrError(
-                    f"{display}: {root}{split}/{cls}/ is missing or holds no images; the archive is incomplete, fetch it again"
+                    f"{display}: {root}{split}/{cls}/ is missing or holds "
+                    "no images; the archive is incomplete, fetch it again"
                 )
     return picks, counts
 
@@ -147,7 +151,8 @@ def select(names: Iterable[str], root: str, display: str) -> tuple[list[Pick], d
 def _cap_error(display: str, cap: int, declared: int | None = None) -> CxrError:
     what = f"declares {mb(declared)} uncompressed" if declared is not None else "unpacks to more than that"
     return CxrError(
-        f"{display}: the chest_xray part {what}, over fetch.max_uncompressed_mb = {cap / MB:g}; refusing it as a possible zip bomb (raise the limit if the archive is genuine)"
+        f"{display}: the chest_xray part {what}, over fetch.max_uncompressed_mb = {cap / MB:g}; "
+        "refusing it as a possible zip bomb (raise the limit if the archive is genuine)"
     )
 
 
@@ -264,7 +269,8 @@ def check_members(infos: list[zipfile.ZipInfo], display: str) -> None:
     for info in infos:
         if stat.S_ISLNK(info.external_attr >> 16):
             raise CxrError(
-                f"{display}: member '{info.filename}' is a symbolic link; refusing the archive, get it from its original source"
+                f"{display}: member '{info.filename}' is a symbolic link; "
+                "refusing the archive, get it from its original source"
             )
 
 
@@ -332,7 +338,8 @@ def extract_zip(
             raise CxrError(f"{display}: member '{info.filename}' is encrypted; use an unencrypted archive")
         if info.compress_type not in METHODS:
             raise CxrError(
-                f"{display}: member '{info.filename}' uses compression method {info.compress_type}, which Python's zipfile cannot read (Deflate64 = 9 comes from Windows Explorer); re-pack it with plain deflate"
+                f"{display}: member '{info.filename}' uses compression method {info.compress_type}, which Python's "
+                "zipfile cannot read (Deflate64 = 9 comes from Windows Explorer); re-pack it with plain deflate"
             )
     declared = sum(i.file_size for i in wanted)
     if declared > cap:

@@ -85,7 +85,8 @@ def fold_split(data: CachedSplit, fold: int) -> tuple[CachedSplit, CachedSplit]:
     folds = data.rows["fold"].astype(int).to_numpy()
     if not np.any(folds == fold):
         raise CxrError(
-            f"no cached image is in fold {fold} (folds present: {sorted(set(folds.tolist()))}); check cv.folds against split.folds"
+            f"no cached image is in fold {fold} (folds present: "
+            f"{sorted(set(folds.tolist()))}); check cv.folds against split.folds"
         )
     parts = []
     for keep in (folds != fold, folds == fold):

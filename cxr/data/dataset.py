@@ -91,7 +91,8 @@ def scan(raw_root: Path | str, rel_to: Path | str = ".") -> pd.DataFrame:
             folder = raw_root / split / label
             if not folder.is_dir():
                 raise CxrError(
-                    f"{folder} is missing; the archive needs {{train,test}}/{{NORMAL,PNEUMONIA}} (rerun `dvc repro fetch`)"
+                    f"{folder} is missing; the archive needs "
+                    f"{{train,test}}/{{NORMAL,PNEUMONIA}} (rerun `dvc repro fetch`)"
                 )
             for f in sorted(folder.iterdir()):
                 if f.is_file() and not f.name.startswith("."):
@@ -195,7 +196,8 @@ def seed_protocol_split(test: pd.DataFrame, seed: int) -> pd.Series:
                 left -= sizes[g]
         if left:
             raise CxrError(
-                f"split.strategy=seed needs {n} {subtype} test images from whole patients, found {n - left}; use patient_grouped"
+                f"split.strategy=seed needs {n} {subtype} test images from "
+                f"whole patients, found {n - left}; use patient_grouped"
             )
     return pd.Series(np.where(test["_group"].isin(val_groups), "val", "test"), index=test.index)
 
@@ -209,7 +211,8 @@ def grouped_folds(train: pd.DataFrame, folds: int, seed: int) -> pd.Series:
     groups = _groups(train)
     if len(set(groups)) < folds:
         raise CxrError(
-            f"split.folds={folds} needs at least {folds} patients in the official train set, found {len(set(groups))}; lower split.folds"
+            f"split.folds={folds} needs at least {folds} patients in the "
+            f"official train set, found {len(set(groups))}; lower split.folds"
         )
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     fold = np.full(len(train), NO_FOLD)
@@ -298,10 +301,12 @@ def guarantees(manifest: pd.DataFrame, strategy: str) -> dict:
     if strategy == "seed":
         out["val_patient_ids_in_official_train"] = len(val_ids & ids["train"])
         out["guaranteed"].append(
-            "val holds whole official-test patients: none of them (by the official test numbering) has an image left in test"
+            "val holds whole official-test patients: none of them (by "
+            "the official test numbering) has an image left in test"
         )
         out["not_guaranteed"].append(
-            f"val and train disjoint by child: {out['val_patient_ids_in_official_train']} of val's {len(val_ids)} patient ids also occur in the official train folder"
+            f"val and train disjoint by child: {out['val_patient_ids_in_official_train']} "
+            f"of val's {len(val_ids)} patient ids also occur in the official train folder"
         )
     else:
         out["guaranteed"].append(

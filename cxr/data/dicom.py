@@ -47,9 +47,10 @@ KNOWN_PHOTOMETRIC = frozenset(
 # DICOM's defined Modality terms (PS3.3 C.7.3.1.1.1): only these are ever quoted in a message
 # (the photometric terms likewise), so a header holding something else there cannot leak it.
 KNOWN_MODALITIES = frozenset(
-    "ANN AR ASMT AU BDUS BI BMD CFM CT CTPROTOCOL DMS DOC ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS MG MR M3D NM "
-    "OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN "
-    "RTSTRUCT RWV SC SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC".split()
+    "ANN AR ASMT AU BDUS BI BMD CFM CT CTPROTOCOL DMS DOC ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO "
+    "LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG RTDOSE "
+    "RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SC SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA "
+    "XAPROTOCOL XC".split()
 )
 
 # Never validate (a failed check warns with the value) and never pass pydicom's log lines on.
@@ -130,7 +131,8 @@ def check_usable(ds: Dataset, where: str) -> None:
         ) from None
     if not decoder.is_available:
         raise ImageError(
-            f"{where}: pixel data compressed as {syntax.name} ({syntax}) needs a decoder that is not installed; {install_hint(decoder)}"
+            f"{where}: pixel data compressed as {syntax.name} ({syntax}) "
+            f"needs a decoder that is not installed; {install_hint(decoder)}"
         )
 
 

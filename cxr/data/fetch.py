@@ -46,7 +46,8 @@ class FetchReport(Kept):
             how = f"{mb(self.bytes_transferred)} of {mb(self.archive_bytes)} transferred in {self.requests} request(s)"
             how += " (ranged)" if self.used_ranges else " (whole archive)"
         return (
-            f"fetched {self.files_written} images (train {c.get('train/NORMAL', 0)} NORMAL / {c.get('train/PNEUMONIA', 0)} PNEUMONIA, "
+            f"fetched {self.files_written} images (train {c.get('train/NORMAL', 0)} "
+            f"NORMAL / {c.get('train/PNEUMONIA', 0)} PNEUMONIA, "
             f"test {c.get('test/NORMAL', 0)} / {c.get('test/PNEUMONIA', 0)}) from {self.root} into {self.dest}; "
             f"{self.pruned} entries pruned; {how}; {self.seconds:.1f} s"
         )
@@ -99,7 +100,8 @@ def _local_path(source: str) -> Path:
         path = Path(urllib.request.url2pathname(parsed.path))
     elif len(parsed.scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise CxrError(
-            f"fetch.source {source}: unsupported URL scheme '{parsed.scheme}'; use http(s)://, file://, a zip file or a folder"
+            f"fetch.source {source}: unsupported URL scheme '{parsed.scheme}'; "
+            "use http(s)://, file://, a zip file or a folder"
         )
     else:
         path = Path(source).expanduser()

@@ -78,10 +78,12 @@ class Http:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, TimeoutError):
                 raise TransientError(
-                    f"{self.url}: no answer within {self.timeout_s:g} s (fetch.timeout_s); check the URL and network, or raise the timeout"
+                    f"{self.url}: no answer within {self.timeout_s:g} s "
+                    "(fetch.timeout_s); check the URL and network, or raise the timeout"
                 ) from None
             raise TransientError(
-                f"{self.url}: cannot download ({' '.join(str(reason).split()) or type(reason).__name__}); check the URL and network"
+                f"{self.url}: cannot download "
+                f"({' '.join(str(reason).split()) or type(reason).__name__}); check the URL and network"
             ) from None
         self.resolved = response.geturl()
         return response
@@ -226,7 +228,8 @@ class RangeReader(io.RawIOBase):
         if response.status != 206 or first != start or last != end - 1:
             response.close()
             raise CxrError(
-                f"{self.http.url}: the server stopped honouring Range requests (HTTP {response.status} for bytes {start}-{end - 1}); fetch again"
+                f"{self.http.url}: the server stopped honouring Range requests "
+                f"(HTTP {response.status} for bytes {start}-{end - 1}); fetch again"
             )
         self._response, self._at, self._end = response, start, end
 
@@ -309,7 +312,8 @@ def download(http: Http, response: http.client.HTTPResponse, path: Path, progres
                 if response.status == 206 and first != have:
                     response.close()
                     raise CxrError(
-                        f"{http.url}: asked to resume at byte {have}, the server answered from byte {first}; fetch again"
+                        f"{http.url}: asked to resume at byte {have}, the "
+                        f"server answered from byte {first}; fetch again"
                     )
                 if response.status == 206:
                     total = resumed_total

@@ -36,7 +36,8 @@ DPI = 100
 
 
 def plot_roc_all(results: dict[str, VariantResult], out_png: Path) -> None:
-    """Test ROC curves of all variants (plots/<v>/roc.csv), each with its operating point at the validation threshold."""
+    """Test ROC curves of all variants (plots/<v>/roc.csv), each with its operating point at the validation
+    threshold."""
     fig, ax = plt.subplots(figsize=(6, 5.5))
     for name, r in results.items():
         if r.roc.empty:  # evaluate writes no curve when the test set has one class

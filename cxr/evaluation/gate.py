@@ -268,7 +268,8 @@ class Gate:
                 )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CxrError(
-                f"{path}: cannot read the OOD gate ({' '.join(str(exc).split())[:160]}); rerun `dvc repro ood@<variant>`"
+                f"{path}: cannot read the OOD gate "
+                f"({' '.join(str(exc).split())[:160]}); rerun `dvc repro ood@<variant>`"
             ) from None
 
 
@@ -336,7 +337,8 @@ def penultimate(model: Any) -> Any:
         return keras.Model(model.inputs, inner(called_on(last)), name=f"{model.name}_penultimate")
     if not isinstance(last, keras.layers.Dense):
         raise CxrError(
-            f"model {model.name}: its last layer is {type(last).__name__}, not Dense, so it has no penultimate features for the OOD gate"
+            f"model {model.name}: its last layer is {type(last).__name__}, "
+            "not Dense, so it has no penultimate features for the OOD gate"
         )
     return keras.Model(model.inputs, last.input, name=f"{model.name}_penultimate")
 

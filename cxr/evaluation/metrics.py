@@ -196,7 +196,8 @@ def calibrated_threshold(y: Any, p: Any, level: float = 0.5) -> float:
     a, b = platt_scaling(y, p)
     if a <= 0:
         raise CxrError(
-            "Platt scaling found no increasing relation between the model's output and the labels; use train.threshold_rule: youden"
+            "Platt scaling found no increasing relation between the model's "
+            "output and the labels; use train.threshold_rule: youden"
         )
     logit = (math.log(level / (1 - level)) - b) / a
     return float(1 / (1 + math.exp(-logit)))
@@ -371,7 +372,8 @@ def evaluate_probabilities(
     missing = {"path", "subtype", "patient_id"} - set(rows.columns)
     if missing or len(rows) != len(y):
         raise ValueError(
-            f"rows must have path, subtype, patient_id for {len(y)} images; got {len(rows)} rows missing {sorted(missing)}"
+            f"rows must have path, subtype, patient_id for {len(y)} "
+            f"images; got {len(rows)} rows missing {sorted(missing)}"
         )
     point = binary_metrics(y, p, threshold, calibration_bins)
     at_half = binary_metrics(y, p, 0.5, calibration_bins)

