@@ -75,7 +75,11 @@ def tiny_params(source: Path, backbone_weights: Path) -> dict:
         v["image_size"] = TINY_SIZE
         v["epochs"] = 1
         v["batch_size"] = 8
-        if "alpha" in v:  # a variant's own backbone width: the one weights file must fit it too
+        # A variant's own backbone and width: the one weights file must fit it too, so the
+        # EfficientNet-Lite probes run on transfer's backbone here (tests/model covers Lite).
+        if "backbone" in v:
+            v["backbone"] = params["transfer"]["backbone"]
+        if "alpha" in v:
             v["alpha"] = params["transfer"]["alpha"]
     return params
 

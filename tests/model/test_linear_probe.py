@@ -89,3 +89,17 @@ def test_lite_backbones_build_at_the_variant_size_with_imagenet_weights():
 def test_bad_probe_params_are_refused_before_tensorflow(extra, message):
     with pytest.raises(CxrError, match=message):
         probe_params(**extra)
+
+
+def test_lite_backbone_takes_a_keras_weights_file_and_refuses_one_that_does_not_fit(tmp_path):
+    params = probe_params(weights="none")
+    variant = params.variant("probe")
+    original = find_backbone(build_model(variant, params))
+    saved = tmp_path / "lite0.weights.h5"
+    original.save_weights(saved)
+    loaded = find_backbone(build_model(variant, probe_params(weights=str(saved))))
+    for a, b in zip(original.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    other = probe_params(backbone="efficientnet_lite2", weights=str(saved))
+    with pytest.raises(CxrError, match=r"transfer.weights: .*lite0.weights.h5 does not fit efficientnet_lite2"):
+        build_model(other.variant("probe"), other)
