@@ -77,9 +77,8 @@ def tiny_params(source: Path, backbone_weights: Path) -> dict:
         v["batch_size"] = 8
         # A variant's own backbone and width: the one weights file must fit it too, so the
         # EfficientNet-Lite probes run on transfer's backbone here (tests/model covers Lite).
-        if "backbone" in v:
+        if "backbone" in v or "alpha" in v:
             v["backbone"] = params["transfer"]["backbone"]
-        if "alpha" in v:
             v["alpha"] = params["transfer"]["alpha"]
     return params
 
