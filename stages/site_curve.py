@@ -22,7 +22,7 @@ from cxr.core.constants import POSITIVE
 from cxr.core.errors import CxrError, run_main
 from cxr.core.io import write_json
 from cxr.core.stage import stage_args
-from cxr.evaluation.site_curve import PERCENTILES, learning_curve, patient_ids
+from cxr.evaluation.site_curve import PERCENTILES, drawable, learning_curve, patient_ids
 
 NS = [16, 32, 64, 128]
 DRAWS = 300
@@ -67,11 +67,13 @@ def main() -> int:
     if missing:
         raise CxrError(f"{source}: missing columns {sorted(missing)}; rerun `dvc repro evaluate@{name}`")
     files = rows["path"].astype(str).tolist()
+    sizes = [n for n in NS if drawable(rows["label"].to_numpy(), n)]
+    skipped = [n for n in NS if n not in sizes]
     curve = learning_curve(
         rows["label"].to_numpy(),
         rows["probability"].to_numpy(),
         patient_ids(files),
-        NS,
+        sizes,
         DRAWS,
         RULES,
         seed,
@@ -89,9 +91,12 @@ def main() -> int:
             "percentiles": list(PERCENTILES),
             "unit": "whole patients, stratified by class; scored on the images of the other patients",
             "curve": curve,
+            "skipped_sizes": skipped,  # N that would leave no image of a class to score
         },
     )
-    print(table(curve, NS))
+    print(table(curve, sizes))
+    if skipped:
+        print(f"skipped N = {skipped}: the test set has too few images of a class for them")
     print(f"wrote {OUT}")
     return 0
 

@@ -122,3 +122,9 @@ def test_learning_curve_is_deterministic_and_summarised():
     row = a["youden"]["16"]["accuracy"]
     assert row["p5"] <= row["mean"] <= row["p95"] and 0 <= row["p5"] and row["p95"] <= 1
     assert a["youden"]["16"]["n_calibration"]["mean"] >= 16
+
+
+def test_drawable_sizes_leave_both_classes_to_score():
+    y = np.array([0] * 4 + [1] * 6)
+    assert site_curve.drawable(y, 4) and not site_curve.drawable(y, 16) and not site_curve.drawable(y, 1)
+    assert [n for n in (2, 4, 8, 9, 10) if site_curve.drawable(y, n)] == [2, 4, 8]

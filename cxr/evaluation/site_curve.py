@@ -60,6 +60,13 @@ def quotas(y: np.ndarray, n: int) -> dict[int, int]:
     return {0: n - positives, 1: positives}
 
 
+def drawable(y: Any, n: int) -> bool:
+    """Whether a draw of `n` leaves images of both classes to score (`draw_calibration_set` refuses
+    the others): a small test set cannot give the larger points of the curve."""
+    y = np.asarray(y)
+    return n >= 2 and all(int(np.sum(y == cls)) > quota for cls, quota in quotas(y, n).items())
+
+
 def draw_calibration_set(y: Any, patients: Any, n: int, rng: np.random.Generator) -> np.ndarray:
     """A boolean mask of the images drawn for calibration: whole patients, stratified by class.
 
