@@ -39,7 +39,7 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_pipeline):
     work = tiny_pipeline.origin
     params = yaml.safe_load((work / "params.yaml").read_text())
     variants, cv = list(params["variants"]), params["cv"]
-    expected = {"fetch", "split", "preprocess", "report"} | {
+    expected = {"fetch", "split", "preprocess", "report", "site_curve"} | {
         f"{s}@{v}" for s in ("train", "evaluate", "ood", "export") for v in variants
     }
     expected |= {f"train_fold@{v}-{k}" for v in cv["variants"] for k in cv["folds"]}
@@ -86,6 +86,7 @@ def test_one_variant_param_reruns_only_that_variant(tiny_pipeline, tmp_path):
         "ood@cnn_baseline",
         "export@cnn_baseline",
         "report",
+        "site_curve",  # reads the headline model's test predictions, through metrics/summary.json
     }
     diff = json.loads(sh(work, DVC, "metrics", "diff", "--json").stdout)
     assert diff.get("metrics/cnn_baseline.json"), diff

@@ -88,7 +88,9 @@ def test_artifact_names_are_valid_and_paths_are_stage_outputs(project_root):
 
 
 def predict_json(cwd: Path, model: Path, image: Path) -> tuple[list[dict], str]:
-    """`cxr predict --format json` run from `cwd` with this checkout's cxr; its rows and stderr."""
+    """`cxr predict --format json --runtime keras` run from `cwd` with this checkout's cxr; its rows
+    and stderr. Keras in both places: the teammate fetched no LiteRT export, and the project's
+    would answer within export.tolerance, not to the bit."""
     done = sh(
         cwd,
         sys.executable,
@@ -100,6 +102,8 @@ def predict_json(cwd: Path, model: Path, image: Path) -> tuple[list[dict], str]:
         str(model),
         "--format",
         "json",
+        "--runtime",
+        "keras",
         env={"PYTHONPATH": str(ROOT)},
     )
     return json.loads(done.stdout), done.stderr
