@@ -305,6 +305,7 @@ def test_prediction_as_dict_round_trips_json():
         "ood_score": None,
         "ood": None,
         "ood_reason": None,
+        "ood_detector": None,
         "refer_low": None,
         "refer_high": None,
         "error": None,

@@ -154,10 +154,10 @@ def test_image_checks_catch_constant_colour_and_aspect():
     xray = chest_like(rng, 1)[0]
     gray = ImageFacts(1500, 1200, 0.0)
     assert ood.image_check(xray, gray, CHECKS) is None
-    assert "near-constant" in ood.image_check(np.zeros_like(xray), gray, CHECKS)
-    assert "near-constant" in ood.image_check(np.full_like(xray, 200) + (rng.random(xray.shape) < 0.1), gray, CHECKS)
-    assert "colour" in ood.image_check(xray, ImageFacts(640, 427, 40.0), CHECKS)
-    assert "aspect" in ood.image_check(xray, ImageFacts(3000, 1000, 0.0), CHECKS)
+    assert ood.image_check(np.zeros_like(xray), gray, CHECKS) == "blank"
+    assert ood.image_check(np.full_like(xray, 200) + (rng.random(xray.shape) < 0.1), gray, CHECKS) == "blank"
+    assert ood.image_check(xray, ImageFacts(640, 427, 40.0), CHECKS) == "colour"
+    assert ood.image_check(xray, ImageFacts(3000, 1000, 0.0), CHECKS) == "aspect"
     assert ood.image_check(xray, None, CHECKS) is None
 
 
@@ -337,7 +337,8 @@ def test_tiny_pipeline_gate_labels_what_is_not_an_xray(tiny_pipeline, tmp_path):
     assert [r["label"] for r in rows] == [OUT_OF_DISTRIBUTION] * 2 and all(
         r["ood"] and r["probability"] is not None for r in rows
     )
-    assert "near-constant" in rows[0]["ood_reason"] and "colour" in rows[1]["ood_reason"]
+    assert (rows[0]["ood_detector"], rows[1]["ood_detector"]) == ("blank", "colour")
+    assert rows[0]["ood_reason"] == ood.OOD_REASONS["blank"] and "colour" in rows[1]["ood_reason"]
     assert all(math.isfinite(r["ood_score"]) and r["refer_low"] <= r["threshold"] <= r["refer_high"] for r in rows)
     assert "warning: 2 of 2" in done.stderr
     strict = sh(work, cxr, "predict", str(black), "--model", "models/cnn_baseline.keras", "--strict", check=False)

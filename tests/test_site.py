@@ -159,7 +159,7 @@ def test_site_turns_the_refer_band_off_but_keeps_the_gate(models, site_folder, t
     loaded = load_model(alpha)
     # a stand-in gate whose band covers everything: every in-distribution answer would be UNCERTAIN
     fake = type("FakeGate", (), {"refer_low": 0.0, "refer_high": 1.0})()
-    fake.reasons = lambda feats, x, facts: (np.zeros(len(x)), [None] * (len(x) - 1) + ["near-constant"])
+    fake.reasons = lambda feats, x, facts: (np.zeros(len(x)), [None] * (len(x) - 1) + ["blank"])
     fake.label = ood.Gate.label.__get__(fake)
     images = sorted(site_folder.rglob("*.*"))[:3]
     gated = dataclasses.replace(loaded, gate=fake, features=loaded.model)

@@ -40,6 +40,16 @@ from cxr.evaluation.selective import answered, refer_band
 
 THUMB_SIDE = 16  # pixel detectors: the input image box-averaged to 16×16 (256 values)
 DETECTORS = ("features", "layout", "view")  # the OOD score's parts, in Gate.parts order
+# Why an input is out of distribution, by what caught it, in words for the person reading the
+# answer (the image checks first, then the three detectors); numbers stay in the JSON.
+OOD_REASONS = {
+    "blank": "not a chest X-ray: the image is (nearly) blank",
+    "colour": "not a chest X-ray: a colour image",
+    "aspect": "not a chest X-ray: too long and narrow for a chest film",
+    "view": "not an upright frontal chest film (rotated, flipped, inverted or cropped?)",
+    "layout": "unlike the training X-rays (the picture's layout differs)",
+    "features": "unlike the training X-rays (the model's view of the image differs)",
+}
 _CLIP = 50.0  # the view check's logit margin is clipped before exp (no overflow)
 
 
@@ -141,15 +151,14 @@ class Checks:
 
 
 def image_check(pixels: np.ndarray, facts: ImageFacts | None, checks: Checks) -> str | None:
-    """Why a file is not a chest X-ray by the cheap checks, or None. `facts` is None for an
-    array with no file behind it (only the pixel check runs)."""
-    std = float(np.std(pixels))
-    if std < checks.min_std:
-        return f"near-constant image (grey-level std {std:.1f} < {checks.min_std:g})"
+    """Which cheap check says a file is not a chest X-ray ("blank", "colour", "aspect"), or None.
+    `facts` is None for an array with no file behind it (only the pixel check runs)."""
+    if float(np.std(pixels)) < checks.min_std:
+        return "blank"
     if facts is not None and facts.colourfulness > checks.max_colourfulness:
-        return f"colour image (colourfulness {facts.colourfulness:.1f} > {checks.max_colourfulness:g})"
+        return "colour"
     if facts is not None and facts.aspect > checks.max_aspect:
-        return f"aspect ratio {facts.aspect:.2f} > {checks.max_aspect:g}"
+        return "aspect"
     return None
 
 
@@ -196,25 +205,20 @@ class Gate:
     def reasons(
         self, features: np.ndarray, x: np.ndarray, facts: list[ImageFacts | None]
     ) -> tuple[np.ndarray, list[str | None]]:
-        """Scores and, per input, why it is out of distribution (image check first) or None."""
+        """Scores and, per input, what caught it (an OOD_REASONS key: image check first) or None."""
         parts = self.parts(features, x)
         s = parts.max(axis=1) / self.threshold
-        why_part = {
-            "features": "unlike the training X-rays to the model",
-            "layout": "unlike the training X-rays in layout",
-            "view": "not an upright, whole chest film (rotated, flipped, inverted or cropped?)",
-        }
         out = []
         for score, row, pixels, fact in zip(s, parts, x, facts):
             why = image_check(pixels, fact, self.checks)
             if why is None and score > 1:
-                why = f"{why_part[DETECTORS[int(np.argmax(row))]]} (OOD score {score:.2f} > 1)"
+                why = DETECTORS[int(np.argmax(row))]
             out.append(why)
         return s, out
 
-    def label(self, probability: float, threshold: float, ood_reason: str | None) -> str:
+    def label(self, probability: float, threshold: float, ood_detector: str | None) -> str:
         """OUT_OF_DISTRIBUTION, else UNCERTAIN inside the refer band, else the class."""
-        if ood_reason is not None:
+        if ood_detector is not None:
             return OUT_OF_DISTRIBUTION
         if not answered(np.array([probability]), self.refer_low, self.refer_high)[0]:
             return UNCERTAIN

@@ -86,8 +86,7 @@ def ood_metrics(
         "n_val": n_val,
         "test_false_flag_rate": float(flagged.mean()),
         "test_flagged_by": {
-            why: int(n)
-            for why, n in pd.Series([a.ood_reason.split(" (")[0] for a in test if a.ood]).value_counts().items()
+            why: int(n) for why, n in pd.Series([a.ood_reason for a in test if a.ood]).value_counts().items()
         },
         "families": families,
         "families_flag_rate": float(np.mean([r["flag_rate"] for r in families.values()])),

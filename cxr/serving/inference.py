@@ -29,7 +29,7 @@ from cxr.core.constants import NEGATIVE, OUT_OF_DISTRIBUTION, POSITIVE
 from cxr.core.errors import CxrError
 from cxr.data.images import ImageFacts, load_resized_facts
 from cxr.data.pixels import ImageError
-from cxr.evaluation.gate import Gate, flatten, gate_path, penultimate
+from cxr.evaluation.gate import OOD_REASONS, Gate, flatten, gate_path, penultimate
 from cxr.model import sidecar
 from cxr.model.forward import forward_arrays, predict_arrays
 from cxr.serving.runtime import LiteModel, lite_meta_path, lite_path
@@ -100,7 +100,8 @@ class Prediction:
     error: str | None = None
     ood_score: float | None = None  # > 1: out of distribution (None: no gate beside the model)
     ood: bool | None = None
-    ood_reason: str | None = None
+    ood_reason: str | None = None  # in words (gate.OOD_REASONS)
+    ood_detector: str | None = None  # what caught it: an OOD_REASONS key
     refer_low: float | None = None  # the UNCERTAIN band: refer_low < probability < refer_high
     refer_high: float | None = None
     threshold_source: str = VALIDATION  # or site:<file> (cxr.serving.site)
@@ -119,6 +120,7 @@ class Prediction:
             "ood_score": self.ood_score,
             "ood": self.ood,
             "ood_reason": self.ood_reason,
+            "ood_detector": self.ood_detector,
             "refer_low": self.refer_low,
             "refer_high": self.refer_high,
             "error": self.error,
@@ -292,6 +294,7 @@ def predict_files(
                             None,
                             float(scores[good]),
                             why is not None,
+                            None if why is None else OOD_REASONS[why],
                             why,
                             **band,
                         )
