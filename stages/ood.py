@@ -3,8 +3,9 @@
     python stages/ood.py VARIANT     # (dvc repro ood@VARIANT) → models/VARIANT.ood.npz, metrics/VARIANT_ood.json,
                                      #   plots/VARIANT/risk_coverage.csv
 
-The gate is fitted on the training images only and thresholded on validation (cxr.evaluation.gate); the
-refer band is set on the validation probabilities. Test labels are used only to report the
+The gate is fitted on the training images only and thresholded on held-out X-rays — validation and
+the patient-grouped CV folds of the training images (cxr.evaluation.gate.fit_gate) —; the refer band
+is set on the validation probabilities. Test labels are used only to report the
 risk–coverage curve. Every measured image goes through a file and `cxr predict`'s own path
 (`cxr.serving.inference.predict_files`): the official test X-rays (their false-flag rate) and each family
 of things that are not chest X-rays, written as files here (seeded synthetic images, scikit-learn's
@@ -28,6 +29,7 @@ from cxr.core.io import atomic_file, write_json
 from cxr.core.params import ENSEMBLE_SUFFIX, Params
 from cxr.core.stage import stage_args
 from cxr.data.cache import CachedSplit, cache_dir, load_split
+from cxr.data.dataset import NO_FOLD
 from cxr.evaluation import gate as ood
 from cxr.evaluation import ood_families, ood_report, selective
 from cxr.model.folds import read_oof
@@ -67,8 +69,16 @@ def fit_gate(name: str, loaded: LoadedModel, train: CachedSplit, val: CachedSpli
         params.predict.refer_coverage,
         checks,
         params.seed,
+        train_groups(train),
     )
     return replace(loaded, gate=gate, features=features)
+
+
+def train_groups(train: CachedSplit) -> np.ndarray | None:
+    """The training images' patient-grouped CV folds (the gate's worst_group threshold), or None
+    when the split has none (split.folds: 0; the threshold is then set on validation alone)."""
+    folds = train.rows["fold"].to_numpy()
+    return folds if (folds != NO_FOLD).all() and len(np.unique(folds)) >= 2 else None
 
 
 def predict_test(test: CachedSplit, gated: LoadedModel) -> list[Prediction]:

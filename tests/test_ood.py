@@ -17,6 +17,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cxr.core.constants import NEGATIVE, OUT_OF_DISTRIBUTION, POSITIVE, UNCERTAIN
+from cxr.core.errors import CxrError
 from cxr.data.images import ImageFacts, load_resized_facts
 from cxr.evaluation import gate as ood
 from cxr.evaluation import ood_families, selective
@@ -71,6 +72,60 @@ def test_gate_threshold_keeps_the_declared_share_of_validation(keep_val):
     inside = np.mean(gate.scores(*data["val"]) <= 1)
     assert keep_val <= inside <= keep_val + 1 / 300 + 1e-12
     assert gate.meta["val_in_distribution"] == pytest.approx(inside)
+
+
+def grouped_gate(rng: np.random.Generator, shift: float = 0.0, keep_val: float = 0.99) -> tuple[ood.Gate, dict]:
+    """A gate whose training images sit in 4 folds; fold 3's features are shifted by `shift`."""
+    train_f, train_x = rng.normal(0, 1, (400, 8)), chest_like(rng, 400)
+    groups = np.repeat(np.arange(4), 100)
+    train_f[groups == 3] += shift
+    val_f, val_x = rng.normal(0, 1, (300, 8)), chest_like(rng, 300)
+    gate = ood.fit_gate(
+        train_f, train_x, val_f, val_x, rng.beta(0.5, 0.5, 300), 0.4, keep_val, 0.9, CHECKS, train_groups=groups
+    )
+    return gate, {"val": (val_f, val_x)}
+
+
+def test_worst_group_threshold_keeps_every_held_out_group_and_reports_leave_one_out():
+    gate, data = grouped_gate(np.random.default_rng(11))
+    held = gate.meta["held_out"]
+    assert gate.meta["threshold_rule"] == "worst_group"
+    assert held["groups"] == ["validation"] + [f"train fold {k}" for k in range(4)] and held["n"] == [300] + [100] * 4
+    assert min(held["in_distribution"]) >= 0.99  # every group, not only their pool
+    assert gate.meta["val_in_distribution"] == pytest.approx(np.mean(gate.scores(*data["val"]) <= 1))
+    assert len(held["leave_one_out_false_flag"]) == 5 and held["leave_one_out_false_flag_max"] == max(
+        held["leave_one_out_false_flag"]
+    )
+    assert "held_out" not in fitted_gate(np.random.default_rng(11))[0].meta  # no folds: validation alone
+    assert fitted_gate(np.random.default_rng(11))[0].meta["threshold_rule"] == "validation"
+
+
+def test_a_shifted_fold_raises_the_threshold_and_is_seen_in_leave_one_out():
+    calm, _ = grouped_gate(np.random.default_rng(12))
+    shifted, _ = grouped_gate(np.random.default_rng(12), shift=4.0)
+    # fold 3's features drift (as another CPU's model might): the rule widens the threshold so it
+    # still keeps 99% of it, and leave-one-out shows what that fold would have met without it
+    assert shifted.meta["held_out"]["in_distribution"][4] >= 0.99
+    loo = lambda g: g.meta["held_out"]["leave_one_out_false_flag"][4]  # noqa: E731
+    assert loo(shifted) > 0.2 and loo(calm) < 0.05 and shifted.threshold > calm.threshold
+
+
+def test_worst_group_needs_two_folds():
+    rng = np.random.default_rng(13)
+    x = chest_like(rng, 60)
+    with pytest.raises(CxrError, match="at least 2 CV folds; set split.folds >= 2"):
+        ood.fit_gate(
+            rng.normal(0, 1, (60, 8)),
+            x,
+            rng.normal(0, 1, (30, 8)),
+            x[:30],
+            np.full(30, 0.5),
+            0.4,
+            0.99,
+            0.9,
+            CHECKS,
+            train_groups=np.zeros(60, int),
+        )
 
 
 def test_gate_flags_planted_outliers_in_features_and_in_pixels():

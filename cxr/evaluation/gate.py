@@ -4,7 +4,7 @@
 
 A prediction is OUT_OF_DISTRIBUTION when the file fails a cheap image-level check (near-constant
 pixels, a colour photo, an aspect ratio no chest film has) or when its OOD score is above a
-threshold that keeps `ood.keep_val` of the validation X-rays in distribution. Three detectors,
+threshold that keeps `ood.keep_val` of held-out X-rays in distribution. Three detectors,
 each fitted on the TRAINING images only, make the score:
 - a Mahalanobis distance (Lee et al. 2018, Ledoit-Wolf shrunk covariance) on the model's
   penultimate features (the input of its last Dense unit): what the classifier sees;
@@ -14,9 +14,13 @@ each fitted on the TRAINING images only, make the score:
   level or cropped to a corner (self-supervised, as in Hendrycks et al. 2019's rotation-prediction
   OOD detector). The Mahalanobis distances missed half of the upside-down, inverted and cropped
   X-rays: their thumbnails stay close to the mean film in distance while their layout is wrong.
-Each detector's score is divided by its own validation quantile at 1 − (1 − keep_val)/3 (so
+Each detector's score is divided by its own held-out quantile at 1 − (1 − keep_val)/3 (so
 their false flags add up to at most 1 − keep_val) and the OOD score is the largest of the three,
-thresholded at its `keep_val` quantile on validation.
+thresholded by one of two rules (fit_gate): `worst_group`, used whenever the training images
+carry patient-grouped CV folds (split.folds ≥ 2), keeps ≥ keep_val of every held-out group —
+validation and each fold, scored by detectors refitted without it — so the threshold carries the
+spread between groups as its margin, set without a test image; `validation` keeps ≥ keep_val of
+validation alone.
 The gate file also carries the refer band (cxr.evaluation.selective) set on the same validation
 predictions, so one file tells `cxr predict` when not to answer.
 """
@@ -277,6 +281,34 @@ class Gate:
             ) from None
 
 
+def held_out_scores(
+    train_features: np.ndarray,
+    train_thumbs: np.ndarray,
+    train_x: np.ndarray,
+    train_groups: np.ndarray,
+    seed: int,
+) -> list[np.ndarray]:
+    """(n, 3) raw detector scores of each training fold, from detectors refitted without it."""
+    out = []
+    for k, g in enumerate(np.unique(train_groups)):
+        held, rest = train_groups == g, train_groups != g
+        f = Mahalanobis.fit(train_features[rest])
+        p = Mahalanobis.fit(train_thumbs[rest])
+        v = ViewCheck.fit(train_x[rest], np.random.default_rng(seed + 1 + k))
+        out.append(
+            np.stack(
+                [f.distance(train_features[held]), p.distance(train_thumbs[held]), v.logit(train_thumbs[held])], axis=1
+            )
+        )
+    return out
+
+
+def combined(raw: np.ndarray, feature_scale: float, pixel_scale: float, view_scale: float) -> np.ndarray:
+    """Raw (n, 3) detector scores → the OOD score before the threshold (as Gate.raw_scores)."""
+    view = np.exp(np.clip(raw[:, 2] - view_scale, -_CLIP, _CLIP))
+    return np.maximum(np.maximum(raw[:, 0] / feature_scale, raw[:, 1] / pixel_scale), view)
+
+
 def fit_gate(
     train_features: np.ndarray,
     train_x: np.ndarray,
@@ -288,36 +320,68 @@ def fit_gate(
     refer_coverage: float,
     checks: Checks,
     seed: int = 0,
+    train_groups: np.ndarray | None = None,
 ) -> Gate:
-    """Fit the three detectors on the training images, scale each by its validation quantile at
-    1 − (1 − keep_val)/3, threshold their maximum at its `keep_val` quantile (so ≥ keep_val of
-    validation is in), and set the refer band on the validation probabilities `val_p`. `seed`
-    draws the view check's transformed training copies."""
+    """Fit the three detectors on the training images, scale and threshold them on held-out
+    images, and set the refer band on the validation probabilities `val_p`. `seed` draws the view
+    check's transformed training copies.
+
+    Without `train_groups` (rule "validation") the held-out images are the validation split: each
+    detector is scaled by its quantile at 1 − (1 − keep_val)/3 and the threshold is the combined
+    score's `keep_val` quantile. With them (rule "worst_group", the patient-grouped CV folds of the
+    training images) every fold is one more held-out group, scored by detectors refitted without
+    it; the pixel detectors are scaled on all groups pooled, the feature detector on validation
+    only (the classifier was trained on every training image, so its features of them are
+    tighter), and the threshold is the largest of the groups' `keep_val` quantiles: every
+    held-out group keeps ≥ keep_val, so the margin over one group's quantile is the spread
+    between groups, measured without a test image. `meta["held_out"]` says how each group fares
+    under the threshold set without it (leave one group out)."""
     if not 0 < keep_val <= 1:
         raise ValueError(f"keep_val must be in (0, 1], got {keep_val}")
     if len(val_x) == 0:
         raise CxrError(
             "the validation split is empty, so the OOD threshold cannot be set; rerun `dvc repro split preprocess`"
         )
-    features, pixels = Mahalanobis.fit(train_features), Mahalanobis.fit(thumbnails(train_x))
+    train_thumbs = thumbnails(train_x)
+    features, pixels = Mahalanobis.fit(train_features), Mahalanobis.fit(train_thumbs)
     view = ViewCheck.fit(train_x, np.random.default_rng(seed))
     val_thumbs = thumbnails(val_x)
+    groups = [np.stack([features.distance(val_features), pixels.distance(val_thumbs), view.logit(val_thumbs)], axis=1)]
+    if train_groups is not None:
+        if len(np.unique(train_groups)) < 2:
+            raise CxrError(
+                "the worst_group OOD threshold needs the training images in at least 2 CV folds; "
+                "set split.folds >= 2 in params.yaml and rerun `dvc repro split`"
+            )
+        groups += held_out_scores(train_features, train_thumbs, train_x, np.asarray(train_groups), seed)
     level = 1 - (1 - keep_val) / len(DETECTORS)
     q = lambda v: float(np.quantile(v, level))  # noqa: E731  (interpolated: no score ties at exactly 1)
-    feature_scale = q(features.distance(val_features)) or 1.0
-    pixel_scale = q(pixels.distance(val_thumbs)) or 1.0
-    view_scale = q(view.logit(val_thumbs))
+    pooled = np.concatenate(groups)
+    feature_scale = q(groups[0][:, 0]) or 1.0
+    pixel_scale = q(pooled[:, 1]) or 1.0
+    view_scale = q(pooled[:, 2])
+    scores = [combined(g, feature_scale, pixel_scale, view_scale) for g in groups]
+    cuts = [float(np.quantile(c, keep_val, method="higher")) for c in scores]
+    cut = max(cuts)
     low, high = refer_band(val_p, threshold, refer_coverage)
-    gate = Gate(features, pixels, view, feature_scale, pixel_scale, view_scale, 1.0, checks, low, high, {})
-    raw = gate.raw_scores(val_features, val_x)
-    cut = float(np.quantile(raw, keep_val, method="higher"))
-    val_answered = float(answered(val_p, low, high).mean())
-    meta = {
+    meta: dict[str, Any] = {
         "keep_val": keep_val,
+        "threshold_rule": "validation" if train_groups is None else "worst_group",
         "refer_coverage": refer_coverage,
-        "val_in_distribution": float(np.mean(raw <= cut)),
-        "val_coverage": val_answered,
+        "val_in_distribution": float(np.mean(scores[0] <= cut)),
+        "val_coverage": float(answered(val_p, low, high).mean()),
     }
+    if len(scores) > 1:
+        # Each group judged by the threshold the rule sets without it: what a new group of
+        # X-rays (another hospital's week, another CPU's model) may expect.
+        loo = [float(np.mean(c > max(cuts[:i] + cuts[i + 1 :]))) for i, c in enumerate(scores)]
+        meta["held_out"] = {
+            "groups": ["validation"] + [f"train fold {g}" for g in np.unique(train_groups)],
+            "n": [len(c) for c in scores],
+            "in_distribution": [float(np.mean(c <= cut)) for c in scores],
+            "leave_one_out_false_flag": loo,
+            "leave_one_out_false_flag_max": max(loo),
+        }
     return Gate(features, pixels, view, feature_scale, pixel_scale, view_scale, cut, checks, low, high, meta)
 
 

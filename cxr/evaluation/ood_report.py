@@ -26,7 +26,7 @@ COVERAGE = 0.9  # docs/ood.md's "at 90% coverage" figures (besides the band's ow
 METHOD = (
     "image checks + max(Mahalanobis on penultimate features, Mahalanobis on 16x16 thumbnails, view check: "
     "logistic regression on 16x16 thumbnails vs rotated/flipped/inverted/corner-cropped training copies), "
-    "each scaled by its validation quantile, fitted on train"
+    "each scaled by its held-out quantile, fitted on train; thresholded by threshold_rule"
 )
 
 
@@ -82,6 +82,8 @@ def ood_metrics(
         "threshold": gate.threshold,
         "keep_val": keep_val,
         "val_in_distribution": gate.meta["val_in_distribution"],
+        "threshold_rule": gate.meta.get("threshold_rule", "validation"),
+        **({"held_out": gate.meta["held_out"]} if "held_out" in gate.meta else {}),
         "n_train": n_train,
         "n_val": n_val,
         "test_false_flag_rate": float(flagged.mean()),
