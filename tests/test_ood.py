@@ -158,6 +158,17 @@ def test_unreadable_gate_file_is_a_one_line_error(tmp_path):
         ood.Gate.load(tmp_path / "m.ood.npz")
 
 
+def test_refer_band_answers_at_least_its_coverage_on_every_draw():
+    rng = np.random.default_rng(21)
+    short = 0
+    for _ in range(300):
+        n, target, threshold = int(rng.integers(5, 200)), float(rng.uniform(0.5, 0.99)), float(rng.uniform(0.05, 0.95))
+        p = rng.beta(0.4, 0.4, n)
+        low, high = selective.refer_band(p, threshold, target)
+        short += int(selective.answered(p, low, high).sum() < math.ceil(target * n - 1e-9))
+    assert short == 0
+
+
 @pytest.mark.parametrize("target", [0.8, 0.9, 0.95])
 @pytest.mark.parametrize("threshold", [0.5, 0.93, 0.02])
 def test_refer_band_coverage_matches_its_target(target, threshold):

@@ -38,7 +38,9 @@ def refer_band(p: np.ndarray, threshold: float, coverage: float) -> tuple[float,
         return float(threshold), float(threshold)
     # the k-th smallest margin with k = n - ceil(coverage n): the ceil(coverage n) larger ones stay answered
     m = np.sort(margin(p, threshold))
-    width = float(m[len(m) - math.ceil(coverage * len(m) - 1e-9)])
+    # a hair narrower than that margin: the logit → probability round trip must not put the
+    # boundary case itself inside the band (it did for ~15% of random draws)
+    width = float(m[len(m) - math.ceil(coverage * len(m) - 1e-9)]) * (1 - 1e-9)
     centre = float(logit(threshold))
     return 1 / (1 + math.exp(-(centre - width))), 1 / (1 + math.exp(-(centre + width)))
 
