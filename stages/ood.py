@@ -29,7 +29,6 @@ from cxr.core.io import atomic_file, write_json
 from cxr.core.params import ENSEMBLE_SUFFIX, Params
 from cxr.core.stage import stage_args
 from cxr.data.cache import CachedSplit, cache_dir, load_split
-from cxr.data.dataset import NO_FOLD
 from cxr.evaluation import gate as ood
 from cxr.evaluation import ood_families, ood_report, selective
 from cxr.model.folds import read_oof
@@ -78,7 +77,8 @@ def train_groups(train: CachedSplit) -> np.ndarray | None:
     """The training images' patient-grouped CV folds (the gate's worst_group threshold), or None
     when the split has none (split.folds: 0; the threshold is then set on validation alone)."""
     folds = train.rows["fold"].to_numpy()
-    return folds if (folds != NO_FOLD).all() and len(np.unique(folds)) >= 2 else None
+    # a negative fold is cxr.data.dataset.NO_FOLD (folds off)
+    return folds if (folds >= 0).all() and len(np.unique(folds)) >= 2 else None
 
 
 def predict_test(test: CachedSplit, gated: LoadedModel) -> list[Prediction]:

@@ -489,3 +489,35 @@ def test_stage_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, caps
     assert run_in_process(tmp_path, monkeypatch, str(ROOT / "stages" / "report.py")) == 1
     assert capsys.readouterr().err.startswith("error: metrics/alpha.json not found")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_model_card_names_each_backbone_s_pretrained_weights():
+    from types import SimpleNamespace
+
+    from cxr.evaluation.report import pretrained_weights
+    from cxr.model.efficientnet_lite import WEIGHTS
+
+    def result(params):
+        return SimpleNamespace(sidecar=SimpleNamespace(params=params))
+
+    imagenet = {"weights": "imagenet", "backbone": "mobilenet_v2"}
+    rows = pretrained_weights(
+        {
+            "probe": result({"backbone": "efficientnet_lite2", "transfer": {**imagenet, "backbone": "x"}}),
+            "frozen": result({"transfer": imagenet}),
+            "scratch": result({"transfer": {**imagenet, "weights": "none"}}),
+            "cnn": result({}),
+        }
+    )
+    assert [r["variant"] for r in rows] == ["frozen", "probe"]
+    assert rows[0] == {"variant": "frozen", "backbone": "mobilenet_v2", "package": "keras (Keras Applications)"}
+    lite = WEIGHTS["lite2"]
+    assert rows[1] == {
+        "variant": "probe",
+        "backbone": "efficientnet_lite2",
+        "package": lite["package"],
+        "version": "0.1.0",
+        "sha256": lite["sha256"],
+        "licence": lite["licence"],
+    }
+    assert "Apache-2.0" in rows[1]["licence"] and len(rows[1]["sha256"]) == 64

