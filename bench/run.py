@@ -121,12 +121,15 @@ def rows_predict(r: dict[str, Any]) -> list[Row]:
     k, lite = r["runtimes"]["keras"], r["runtimes"]["litert"]
     return [
         row(
-            f"`cxr predict` batch ÷ decode-only: {r['images']} full-res files ({model}, {r['image_size']} px), LiteRT",
-            "≥ 0.8",
-            f"{lite['throughput_over_decode']:.2f} ({lite['files_images_per_s']:.0f} vs "
-            f"{lite['decode_only_images_per_s']:.0f} img/s; Keras {k['throughput_over_decode']:.2f})",
+            f"`cxr predict` batch ÷ ceiling 1/(1/decode + 1/model): {r['images']} full-res files ({model}, "
+            f"{r['image_size']} px), LiteRT",
+            "≥ 0.9",
+            f"{lite['throughput_over_ceiling']:.2f} ({lite['files_images_per_s']:.0f} vs "
+            f"{lite['ceiling_images_per_s']:.0f} img/s; Keras {k['throughput_over_ceiling']:.2f})",
             r["meets_throughput_goal"],
-        ),
+        )
+        if "throughput_over_ceiling" in lite
+        else row("`cxr predict` batch ÷ ceiling (LiteRT)", "≥ 0.9", "rerun bench/bench_predict.py", None),
         row(
             "`cxr predict` one image after load, decode + model (median), LiteRT",
             "≤ 10 ms",

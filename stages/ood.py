@@ -76,7 +76,7 @@ def fit_gate(name: str, loaded: LoadedModel, train: CachedSplit, val: CachedSpli
 def train_groups(train: CachedSplit) -> np.ndarray | None:
     """The training images' patient-grouped CV folds (the gate's worst_group threshold), or None
     when the split has none (split.folds: 0; the threshold is then set on validation alone)."""
-    folds = train.rows["fold"].to_numpy()
+    folds = train.rows["fold"].astype(int).to_numpy()
     # a negative fold is cxr.data.dataset.NO_FOLD (folds off)
     return folds if (folds >= 0).all() and len(np.unique(folds)) >= 2 else None
 

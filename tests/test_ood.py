@@ -409,3 +409,22 @@ def test_tiny_pipeline_gate_labels_what_is_not_an_xray(tiny_pipeline, tmp_path):
     assert "warning: 2 of 2" in done.stderr
     strict = sh(work, cxr, "predict", str(black), "--model", "models/cnn_baseline.keras", "--strict", check=False)
     assert strict.returncode == 1 and "OUT_OF_DISTRIBUTION" in strict.stdout and "error: 1 of 1" in strict.stderr
+
+
+@pytest.mark.parametrize(("folds", "grouped"), [([0, 1, 2, 0, 1, 2], True), ([-1] * 6, False), ([0] * 6, False)])
+def test_the_ood_stage_reads_the_folds_of_the_cache_it_wrote(tmp_path, folds, grouped):
+    import importlib.util
+
+    import pandas as pd
+
+    from cxr.data.cache import load_split, write_split
+
+    spec = importlib.util.spec_from_file_location("ood_stage", ROOT / "stages" / "ood.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    rows = pd.DataFrame({"path": [f"f{i}.png" for i in range(6)], "label": ["NORMAL", "PNEUMONIA"] * 3, "fold": folds})
+    write_split(tmp_path, "train", chest_like(np.random.default_rng(0), 6), rows)
+    got = stage.train_groups(load_split(tmp_path, "train"))  # the CSV comes back as text
+    assert (got is not None) == grouped
+    if grouped:
+        assert got.tolist() == folds

@@ -1,12 +1,13 @@
 """The model registry: dvc.yaml's `artifacts:` section (docs/models.md).
 
-- every model of params.yaml (each variant and each k-fold ensemble `<v>_cv`) is declared as three
-  artifacts, `<name>` (type model, with its metrics file), `<name>-sidecar` and `<name>-gate`,
-  under names DVC accepts and at paths that are stage outputs;
+- every model of params.yaml (each variant and each k-fold ensemble `<v>_cv`) is declared as five
+  artifacts, `<name>` (type model, with its metrics file), `<name>-sidecar`, `<name>-gate`,
+  `<name>-litert` (the LiteRT export) and `<name>-litert-record` (its .tflite.json), under names
+  DVC accepts and at paths that are stage outputs;
 - end to end on the tiny pipeline: the pusher registers a version (`gto register`), pushes git to a
   bare "hub" repository and the data to a local DVC remote; from an empty folder, with no clone,
-  `dvc artifacts get <hub> <name>` fetches the model, its sidecar and its gate from the remote byte
-  for byte, and `cxr predict --model` on the fetched file answers as it does in the project;
+  `dvc artifacts get <hub> <name>` fetches the five files from the remote byte for byte, and
+  `cxr predict --model` on the fetched file answers as it does in the project, on LiteRT;
 - the section is metadata only: `dvc status` is the same with and without it.
 """
 
@@ -22,6 +23,7 @@ import yaml
 
 from cxr.evaluation.gate import gate_path
 from cxr.model.sidecar import path_for
+from cxr.serving.runtime import lite_meta_path, lite_path
 from testkit.pipeline import DVC, ROOT, sh
 from testkit.synth import make_xray
 
@@ -49,12 +51,12 @@ def declared(root: Path) -> dict[str, dict]:
 # --- the declaration --------------------------------------------------------------------------
 
 
-def test_every_model_is_declared_with_its_sidecar_and_gate(project_root):
+def test_every_model_is_declared_with_its_sidecar_gate_and_litert_export(project_root):
     artifacts = declared(project_root)
     expected = set()
     for model_id in model_ids(project_root):
         name, keras = artifact_name(model_id), f"models/{model_id}.keras"
-        expected |= {name, f"{name}-sidecar", f"{name}-gate"}
+        expected |= {name, f"{name}-sidecar", f"{name}-gate", f"{name}-litert", f"{name}-litert-record"}
         model = artifacts.get(name)
         assert model is not None, f"add artifact {name} ({keras}) to dvc.yaml"
         assert model["path"] == keras and model["type"] == "model"
@@ -62,6 +64,8 @@ def test_every_model_is_declared_with_its_sidecar_and_gate(project_root):
         assert model["meta"]["metrics"] == f"metrics/{model_id}.json"
         assert artifacts[f"{name}-sidecar"]["path"] == path_for(keras).as_posix()
         assert artifacts[f"{name}-gate"]["path"] == gate_path(keras).as_posix()
+        assert artifacts[f"{name}-litert"]["path"] == lite_path(keras).as_posix()
+        assert artifacts[f"{name}-litert-record"]["path"] == lite_meta_path(keras).as_posix()
     assert set(artifacts) == expected, f"artifacts of no model: {sorted(set(artifacts) - expected)}"
 
 
@@ -88,9 +92,8 @@ def test_artifact_names_are_valid_and_paths_are_stage_outputs(project_root):
 
 
 def predict_json(cwd: Path, model: Path, image: Path) -> tuple[list[dict], str]:
-    """`cxr predict --format json --runtime keras` run from `cwd` with this checkout's cxr; its rows
-    and stderr. Keras in both places: the teammate fetched no LiteRT export, and the project's
-    would answer within export.tolerance, not to the bit."""
+    """`cxr predict --format json --runtime litert` run from `cwd` with this checkout's cxr; its rows
+    and stderr. LiteRT in both places: the teammate fetched the export beside the model."""
     done = sh(
         cwd,
         sys.executable,
@@ -103,7 +106,7 @@ def predict_json(cwd: Path, model: Path, image: Path) -> tuple[list[dict], str]:
         "--format",
         "json",
         "--runtime",
-        "keras",
+        "litert",
         env={"PYTHONPATH": str(ROOT)},
     )
     return json.loads(done.stdout), done.stderr
@@ -114,7 +117,13 @@ def test_a_teammate_gets_a_registered_model_from_the_remote_without_a_clone(tiny
     origin = tiny_pipeline.origin
     model_id = model_ids(origin)[-1]  # the k-fold ensemble, modern_cv
     name = artifact_name(model_id)
-    trio = {name: f"{model_id}.keras", f"{name}-sidecar": f"{model_id}.json", f"{name}-gate": f"{model_id}.ood.npz"}
+    trio = {
+        name: f"{model_id}.keras",
+        f"{name}-sidecar": f"{model_id}.json",
+        f"{name}-gate": f"{model_id}.ood.npz",
+        f"{name}-litert": f"{model_id}.tflite",
+        f"{name}-litert-record": f"{model_id}.tflite.json",
+    }
 
     # The pusher: a clone with the pipeline's outputs, a default remote, a version registered.
     pusher = tmp_path / "pusher"
