@@ -39,6 +39,7 @@ from cxr import __version__
 from cxr.core.errors import CxrError
 from cxr.core.provenance import sha256_file  # the one SHA-256 of a file (the export records the model's too)
 from cxr.serving.inference import LoadedModel, load_model, predict_files
+from cxr.serving.present import NOT_MEANINGFUL, answer, val_coverage
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_UPLOAD_MB = 64.0  # a 16-bit 4k x 4k DICOM is ~32 MB; chest X-ray JPEGs are ~0.1-2 MB
@@ -94,6 +95,7 @@ class Service:
             runtime=loaded.runtime,
             threshold_source=loaded.threshold_source,
         )
+        self.coverage = val_coverage(loaded)  # the refer band's validation coverage, in every answer
         self.lock = threading.Lock()
         self.workdir = Path(tempfile.mkdtemp(prefix="cxr-serve-"))  # mode 0700: uploads stay private
         self.cam, self.cam_error = self._gradcam()
@@ -135,13 +137,17 @@ class Service:
                 (pred,) = predict_files(
                     [path], self.loaded, batch_size=1, on_image=images.__setitem__ if gradcam else None
                 )
-                heat, cam_error = self._heatmap(images[0]) if gradcam and pred.ok else (None, None)
+                body = answer(pred, self.coverage)
+                # out of distribution: no overlay, it would be read as evidence on an image the model cannot judge
+                wanted = gradcam and pred.ok and body["finding"]
+                heat, cam_error = self._heatmap(images[0]) if wanted else (None, None)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        body = pred.as_dict()
         body["path"] = name
         if not pred.ok:
             return 415, {"detail": body["error"].replace(str(folder) + "/", "")}
+        if gradcam and not body["finding"]:
+            cam_error = f"no Grad-CAM overlay: out of distribution, {NOT_MEANINGFUL}"
         if gradcam:
             body["gradcam_png"] = None if heat is None else png_base64(overlay(images[0], heat))
             body["gradcam_error"] = cam_error
