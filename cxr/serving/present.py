@@ -19,7 +19,7 @@ from cxr.core.constants import NEGATIVE, OUT_OF_DISTRIBUTION, POSITIVE, UNCERTAI
 from cxr.serving.inference import VALIDATION, LoadedModel, Prediction
 
 NOT_MEANINGFUL = "not meaningful for this input"
-OOD_CAP = 100.0  # OOD scores above this many times the limit are shown as "> 100× the limit"
+OOD_CAP = 100.0  # OOD scores above this many times the limit are shown as "> 100x the limit"
 # Which check of the gate (cxr.evaluation.gate: Gate.reasons keys) caught an input, in words.
 DETECTORS = {
     "blank": "the blank-image check",
@@ -52,12 +52,12 @@ def val_coverage(loaded: LoadedModel) -> float | None:
 
 
 def ood_level(score: float | None) -> str:
-    """The OOD score as a multiple of the gate's limit, bounded: "0.35× the limit", "> 100× the limit"."""
+    """The OOD score as a multiple of the gate's limit, bounded: "0.35x the limit", "> 100x the limit"."""
     if score is None:
         return "no OOD gate"
     if not math.isfinite(score) or score > OOD_CAP:
-        return f"> {OOD_CAP:.0f}× the limit"
-    return f"{score:.2f}× the limit" if score < 10 else f"{score:.0f}× the limit"
+        return f"> {OOD_CAP:.0f}x the limit"
+    return f"{score:.2f}x the limit" if score < 10 else f"{score:.0f}x the limit"
 
 
 def threshold_words(source: str) -> str:
@@ -70,7 +70,7 @@ def threshold_words(source: str) -> str:
 
 
 def _band(low: float | None, high: float | None) -> str | None:
-    return None if low is None or high is None else f"{low:.4f}–{high:.4f}"
+    return None if low is None or high is None else f"{low:.4f} to {high:.4f}"
 
 
 def _reason(p: Prediction, coverage: float | None) -> str:
@@ -82,7 +82,7 @@ def _reason(p: Prediction, coverage: float | None) -> str:
         what = p.ood_reason or "not a pediatric frontal chest X-ray"
         by = DETECTORS.get(p.ood_detector or "", p.ood_detector or "the OOD gate")
         return (
-            f"{what} (caught by {by}; OOD score {ood_level(p.ood_score)}). "
+            f"{what}; caught by {by}, OOD score {ood_level(p.ood_score)}. "
             "P(pneumonia) and Grad-CAM are not meaningful for this input."
         )
     if p.label == UNCERTAIN:
@@ -111,7 +111,7 @@ def answer(p: Prediction, coverage: float | None = None) -> dict[str, Any]:
     shown_probability: "0.9517", or NOT_MEANINGFUL out of distribution, or "-" after an error;
     shown_threshold: "0.4655" (where it came from is in `threshold_source` and the reason);
     ood_level: the OOD score as a bounded multiple of the gate's limit (1× = the limit);
-    refer_band: "low–high" with its validation coverage, None without a band;
+    refer_band: "low to high" with its validation coverage, None without a band;
     refer_val_coverage: the share of validation X-rays answered outside the band (`coverage`; the
         gate's target is `refer_coverage` in its meta);
     reason: one or two sentences saying why this label;
