@@ -38,7 +38,7 @@ ARTIFACTS = Path(os.environ.get("CXR_TEST_ARTIFACTS") or ROOT / "test-artifacts"
 COVERAGE = 0.9012  # the refer band's validation coverage written into the test gate
 # compared exactly between the CLI's JSON, the API and the page (the probability to 1e-6)
 RAW = ("label", "threshold", "threshold_source", "ood_score", "ood", "ood_reason", "ood_detector", "refer_low")
-SHOWN = (*FIELDS, "gradcam_caption")
+SHOWN = FIELDS
 
 
 # --- unit tests of the presentation -------------------------------------------------------------

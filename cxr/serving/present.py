@@ -38,8 +38,16 @@ CAPTIONS = {  # what the Grad-CAM overlay is, for the label shown (none for an i
     "(refer). The overlay is not evidence either way.",
 }
 # The fields answer() adds to Prediction.as_dict(), in order (the page, the table and the tests read them).
-FIELDS = ("finding", "shown_probability", "shown_threshold", "ood_level", "refer_band", "refer_val_coverage", "reason")
-CAPTION = "gradcam_caption"
+FIELDS = (
+    "finding",
+    "shown_probability",
+    "shown_threshold",
+    "ood_level",
+    "refer_band",
+    "refer_val_coverage",
+    "reason",
+    "gradcam_caption",
+)
 
 
 def val_coverage(loaded: LoadedModel) -> float | None:

@@ -2,10 +2,11 @@
 
     cxr serve [--variant NAME | --model FILE] [--host 127.0.0.1] [--port 8000] [--max-upload-mb N] [--site FILE]
 
-Endpoints: `GET /` (the page: choose or drop an X-ray, see P(pneumonia), the label, the Grad-CAM
-overlay), `POST /predict` (multipart field `file`: an image or DICOM; `?gradcam=true` adds the
-overlay as a base64 PNG in `gradcam_png`, or `gradcam_error` saying why there is none), `GET /health`,
-`GET /version`, `GET /openapi.json` and `GET /docs`.
+Endpoints: `GET /` (the page: choose or drop an X-ray, see the label and why, P(pneumonia), the
+refer band, the OOD level and the Grad-CAM overlay with its caption: cxr.serving.present's answer),
+`POST /predict` (multipart field `file`: an image or DICOM; `?gradcam=true` adds the overlay as a
+base64 PNG in `gradcam_png`, or `gradcam_error` saying why there is none, e.g. out of distribution),
+`GET /health`, `GET /version`, `GET /openapi.json` and `GET /docs`.
 
 Every upload goes through `cxr.serving.inference.predict_files` — the decoder and forward pass of
 `cxr predict` — from a private temporary file deleted after the request, so the service's
