@@ -262,6 +262,10 @@ def test_page_explains_every_answer_in_headless_chromium(gated, files, url, tmp_
     uploads = {**files, "oct": oct_file(tmp_path, require_shared)}
     _, rows = cli_rows(list(uploads.values()), gated, "json", capsys)
     want = {Path(r["path"]).stem: r for r in rows}
+    _, csv_rows = cli_rows(list(uploads.values()), gated, "csv", capsys)
+    _, table_cells = cli_rows(list(uploads.values()), gated, "table", capsys)
+    in_csv = {Path(r["path"]).stem: r for r in csv_rows}
+    in_table = {Path(r["path"]).stem: r for r in table_cells}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     pages = {}
     with headless_chromium() as driver:
@@ -279,8 +283,9 @@ def test_page_explains_every_answer_in_headless_chromium(gated, files, url, tmp_
             "threshold": "shown_threshold",
             "ood": "ood_level",
         }
-        for cell, key in cells.items():
-            assert page[cell] == row[key], (name, cell)
+        for cell, key in cells.items():  # the page shows what JSON, CSV, table and API say
+            assert page[cell] == row[key] == body[key] == in_csv[name][key], (name, cell)
+            assert page[cell] == in_table[name][key], (name, cell)
         assert page["band"] == (row["refer_band"] or "") and page["caption"] == (row["gradcam_caption"] or "")
     assert [pages[k]["label"] for k in ("xray", "refer", "blank", "oct")] == [
         NEGATIVE,
