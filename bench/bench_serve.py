@@ -131,6 +131,10 @@ def percentile(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 1) if values else float("nan")
 
 
+# the page's cells and the answer fields (cxr.serving.present) they show verbatim
+PAGE_CELLS = (("probability", "shown_probability"), ("label", "label"), ("reason", "reason"), ("ood", "ood_level"))
+
+
 def screenshot(url: str, image: Path, want: dict[str, Any]) -> dict[str, Any]:
     """Upload `image` through the page in headless Chromium; save the screenshot."""
     from testkit.serveapp import chromium_paths, headless_chromium, upload_in_page
@@ -141,7 +145,7 @@ def screenshot(url: str, image: Path, want: dict[str, Any]) -> dict[str, Any]:
     with headless_chromium() as driver:
         page = upload_in_page(driver, url, image)
         driver.save_screenshot(str(target))
-    same = page["probability"] == f"{want['probability']:.4f}" and page["label"] == want["label"]
+    same = all(page[cell] == want[key] for cell, key in PAGE_CELLS)
     return {
         "taken": True,
         "path": str(target.relative_to(ROOT)),
@@ -194,8 +198,9 @@ def choose_model(given: Path | None, folder: Path) -> tuple[Path, bool, str | No
 def expected_answers(samples: list[Path], loaded: Any) -> dict[str, dict[str, Any]]:
     """What `cxr predict FILE` prints for each file alone (a batch of one, as the service runs each upload)."""
     from cxr.serving.inference import predict_files
+    from cxr.serving.present import answers
 
-    return {p.name: predict_files([p], loaded)[0].as_dict() for p in samples}
+    return {p.name: answers(predict_files([p], loaded), loaded)[0] for p in samples}
 
 
 def shuffled_jobs(good: dict[str, bytes], bad: dict[str, Any], requests: int) -> tuple[list[tuple[str, str]], int]:
@@ -206,6 +211,27 @@ def shuffled_jobs(good: dict[str, bytes], bad: dict[str, Any], requests: int) ->
     jobs += [("bad", kind) for kind in (list(bad) * requests)[: requests - n_good]]
     rng.shuffle(jobs)
     return jobs, n_good
+
+
+# compared exactly (the probability to 1e-6): the raw fields and the presentation's texts
+ANSWER_FIELDS = (
+    "label",
+    "threshold",
+    "threshold_source",
+    "ood_score",
+    "ood",
+    "ood_reason",
+    "ood_detector",
+    "refer_low",
+    "refer_high",
+    "finding",
+    "shown_probability",
+    "ood_level",
+    "refer_band",
+    "refer_val_coverage",
+    "reason",
+    "gradcam_caption",
+)
 
 
 def send(
@@ -231,7 +257,7 @@ def send(
     if what == "good" and got == 200:
         w = want[key]
         row["equal"] = abs(body["probability"] - w["probability"]) <= 1e-6 and all(
-            body[k] == w[k] for k in ("label", "threshold", "ood_score", "ood", "ood_reason", "refer_low", "refer_high")
+            body[k] == w[k] for k in ANSWER_FIELDS
         )
     return row
 

@@ -109,8 +109,10 @@ def headless_chromium(width: int = 1000, height: int = 1300) -> Iterator[Any]:
 
 def upload_in_page(driver: Any, url: str, image: Any, timeout: float = 60.0) -> dict[str, str]:
     """Open the page at `url`, choose `image` in its file input, wait for the answer; returns the
-    texts of the result cells (name, probability, label, threshold, ood, error), the page state
-    and whether the Grad-CAM overlay was drawn."""
+    texts of the result cells as a person sees them (name, label, reason, probability, threshold,
+    band, ood, caption, status, error; a hidden cell reads ""), the page state, `finding`
+    (yes/no: whether the answer is a finding), `probability_class` (not-meaningful when greyed) and
+    `overlay_width` (0: no Grad-CAM overlay drawn)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -120,9 +122,23 @@ def upload_in_page(driver: Any, url: str, image: Any, timeout: float = 60.0) -> 
     WebDriverWait(driver, timeout).until(lambda d: result.get_attribute("data-state") in ("done", "error"))
     out = {
         key: driver.find_element(By.ID, key).text
-        for key in ("name", "probability", "label", "threshold", "ood", "error", "intended-use")
+        for key in (
+            "name",
+            "probability",
+            "label",
+            "reason",
+            "threshold",
+            "band",
+            "ood",
+            "caption",
+            "status",
+            "error",
+            "intended-use",
+        )
     }
     out["state"] = result.get_attribute("data-state")
+    out["finding"] = result.get_attribute("data-finding") or ""
+    out["probability_class"] = driver.find_element(By.ID, "probability").get_attribute("class") or ""
     overlay = driver.find_element(By.ID, "overlay")
     out["overlay_width"] = str(
         driver.execute_script("return arguments[0].hidden ? 0 : arguments[0].naturalWidth;", overlay)

@@ -106,15 +106,12 @@ def test_table_output_and_explicit_model(project, images, capsys):
     status, out, _ = run(["predict", str(images[0]), "--model", str(project / "models" / "alpha.keras")], capsys)
     assert status == 0
     header, line = out.splitlines()
-    assert header.split() == ["path", "probability", "label", "threshold", "ood_score"]
+    assert header.split() == ["path", "probability", "label", "threshold", "ood", "reason"]
     prob = float(expected_probs(images[:1], project / "models" / "alpha.keras")[0])
-    assert line.split() == [
-        str(images[0]),
-        f"{prob:.4f}",
-        "PNEUMONIA" if prob >= 0.4 else "NORMAL",
-        "0.4000",
-        "-",
-    ]  # no OOD gate beside alpha
+    label = "PNEUMONIA" if prob >= 0.4 else "NORMAL"
+    assert line.split()[:7] == [str(images[0]), f"{prob:.4f}", label, "0.4000", "no", "OOD", "gate"]
+    assert f"P(pneumonia) {prob:.4f} is" in line and "threshold 0.4000 (chosen on the validation X-rays)" in line
+    assert "no OOD gate beside the model" in line  # no OOD gate beside alpha
 
 
 def test_gate_beside_the_model_labels_out_of_distribution_and_uncertain(tmp_path, capsys):

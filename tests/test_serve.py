@@ -363,7 +363,7 @@ def test_page_in_headless_chromium(url, model_path, good_file, tmp_path):
     assert page["state"] == "done", page
     assert page["name"] == good_file.name
     assert page["probability"] == f"{want['probability']:.4f}" and page["label"] == want["label"]
-    assert page["threshold"] == "0.3000" and page["ood"] == "no gate"
+    assert page["threshold"] == "0.3000" and page["ood"] == "no OOD gate" and "threshold 0.3000" in page["reason"]
     assert page["intended-use"] == INTENDED_USE and int(page["overlay_width"]) == 32
     assert Image.open(shot).size[0] > 500  # the screenshot is a real picture of the page
     assert refused["state"] == "error" and "HTTP 415" in refused["error"] and "notes.txt" in refused["error"]

@@ -275,20 +275,25 @@ def gradcam_writer(
     return write, written
 
 
+TABLE = (  # header → answer field (cxr.serving.present): the texts a person reads, as on the page
+    ("path", "path"),
+    ("probability", "shown_probability"),
+    ("label", "label"),
+    ("threshold", "shown_threshold"),
+    ("ood", "ood_level"),
+    ("reason", "reason"),
+)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    width = max([len("path")] + [len(r["path"]) for r in rows])
+    """One line per answer: the presentation's texts (cxr.serving.present.answer), the reason last."""
+    cells = [[r["label"] or "ERROR" if key == "label" else str(r[key]) for _, key in TABLE] for r in rows]
+    widths = [max([len(head)] + [len(c[i]) for c in cells]) for i, (head, _) in enumerate(TABLE)]
     # a site threshold is named once, above the table (JSON and CSV carry it per row)
     sources = sorted({r.get("threshold_source", "validation") for r in rows} - {"validation"})
-    lines = [f"threshold_source: {s}" for s in sources] + [
-        f"{'path':<{width}}  {'probability':>11}  {'label':<19}  {'threshold':>9}  {'ood_score':>9}"
-    ]
-    for r in rows:
-        prob = "-" if r["probability"] is None else f"{r['probability']:.4f}"
-        score = "-" if r.get("ood_score") is None else f"{r['ood_score']:.2f}"
-        label = r["label"] or "ERROR"
-        line = f"{r['path']:<{width}}  {prob:>11}  {label:<19}  {r['threshold']:>9.4f}  {score:>9}"
-        note = r["error"] or r.get("ood_reason")
-        lines.append(line + (f"  {note}" if note else ""))
+    lines = [f"threshold_source: {s}" for s in sources]
+    for line in [[head for head, _ in TABLE], *cells]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(line[:-1], widths)) + "  " + line[-1])
     return "\n".join(lines) + "\n"
 
 
@@ -312,6 +317,7 @@ FORMATTERS = {"table": format_table, "json": format_json, "csv": format_csv}
 
 def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from cxr.serving.inference import load_model, predict_files
+    from cxr.serving.present import answers
 
     paths = collect_images(args.paths)
     if not paths:
@@ -342,11 +348,15 @@ def predict_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -
 
         # GradCam fails now, before any work, for a model without convolutions
         on_image, overlays = gradcam_writer(paths, args.gradcam, GradCam(loaded.model))
-    rows = [p.as_dict() for p in predict_files(paths, loaded, args.batch_size, on_image)]
+    rows = answers(predict_files(paths, loaded, args.batch_size, on_image), loaded)
     if on_image is not None:
         for i, row in enumerate(rows):
             row["gradcam"] = overlays.get(i)
-        print(f"wrote {len(overlays)} Grad-CAM overlay(s) to {args.gradcam}", file=sys.stderr)
+            if row["gradcam"] is not None and not row["finding"]:  # out of distribution: no overlay as evidence
+                Path(row["gradcam"]).unlink(missing_ok=True)
+                row["gradcam"] = None
+        kept = sum(r["gradcam"] is not None for r in rows)
+        print(f"wrote {kept} Grad-CAM overlay(s) to {args.gradcam}", file=sys.stderr)
     sys.stdout.write(FORMATTERS[args.format](rows))
     sys.stdout.flush()
     failed = sum(r["error"] is not None for r in rows)

@@ -2,10 +2,11 @@
 
     cxr serve [--variant NAME | --model FILE] [--host 127.0.0.1] [--port 8000] [--max-upload-mb N] [--site FILE]
 
-Endpoints: `GET /` (the page: choose or drop an X-ray, see P(pneumonia), the label, the Grad-CAM
-overlay), `POST /predict` (multipart field `file`: an image or DICOM; `?gradcam=true` adds the
-overlay as a base64 PNG in `gradcam_png`, or `gradcam_error` saying why there is none), `GET /health`,
-`GET /version`, `GET /openapi.json` and `GET /docs`.
+Endpoints: `GET /` (the page: choose or drop an X-ray, see the label and why, P(pneumonia), the
+refer band, the OOD level and the Grad-CAM overlay with its caption: cxr.serving.present's answer),
+`POST /predict` (multipart field `file`: an image or DICOM; `?gradcam=true` adds the overlay as a
+base64 PNG in `gradcam_png`, or `gradcam_error` saying why there is none, e.g. out of distribution),
+`GET /health`, `GET /version`, `GET /openapi.json` and `GET /docs`.
 
 Every upload goes through `cxr.serving.inference.predict_files` — the decoder and forward pass of
 `cxr predict` — from a private temporary file deleted after the request, so the service's
@@ -39,6 +40,7 @@ from cxr import __version__
 from cxr.core.errors import CxrError
 from cxr.core.provenance import sha256_file  # the one SHA-256 of a file (the export records the model's too)
 from cxr.serving.inference import LoadedModel, load_model, predict_files
+from cxr.serving.present import NOT_MEANINGFUL, answer, val_coverage
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_UPLOAD_MB = 64.0  # a 16-bit 4k x 4k DICOM is ~32 MB; chest X-ray JPEGs are ~0.1-2 MB
@@ -94,6 +96,7 @@ class Service:
             runtime=loaded.runtime,
             threshold_source=loaded.threshold_source,
         )
+        self.coverage = val_coverage(loaded)  # the refer band's validation coverage, in every answer
         self.lock = threading.Lock()
         self.workdir = Path(tempfile.mkdtemp(prefix="cxr-serve-"))  # mode 0700: uploads stay private
         self.cam, self.cam_error = self._gradcam()
@@ -135,13 +138,17 @@ class Service:
                 (pred,) = predict_files(
                     [path], self.loaded, batch_size=1, on_image=images.__setitem__ if gradcam else None
                 )
-                heat, cam_error = self._heatmap(images[0]) if gradcam and pred.ok else (None, None)
+                body = answer(pred, self.coverage)
+                # out of distribution: no overlay, it would be read as evidence on an image the model cannot judge
+                wanted = gradcam and pred.ok and body["finding"]
+                heat, cam_error = self._heatmap(images[0]) if wanted else (None, None)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        body = pred.as_dict()
         body["path"] = name
         if not pred.ok:
             return 415, {"detail": body["error"].replace(str(folder) + "/", "")}
+        if gradcam and not body["finding"]:
+            cam_error = f"no Grad-CAM overlay: out of distribution, {NOT_MEANINGFUL}"
         if gradcam:
             body["gradcam_png"] = None if heat is None else png_base64(overlay(images[0], heat))
             body["gradcam_error"] = cam_error
