@@ -123,13 +123,7 @@ def test_gate_beside_the_model_labels_out_of_distribution_and_uncertain(tmp_path
 
     model = probe_model(seed=2)
     path = save_model(model, tmp_path / "models" / "gamma.keras", sidecar(threshold=0.5, variant="gamma"))
-    features = ood.penultimate(model)
-    train_x = np.stack([cached(xray(i), tmp_path) for i in range(60)])
-    val_x = np.stack([cached(xray(i), tmp_path) for i in range(60, 100)])
-    val_p = predict_arrays(model, val_x)
-    feats = [ood.flatten(predict_features(features, x)) for x in (train_x, val_x)]
-    checks = ood.Checks(min_std=6.0, max_colourfulness=12.0, max_aspect=2.5)
-    gate = ood.fit_gate(feats[0], train_x, feats[1], val_x, val_p, 0.5, 0.99, 0.9, checks)
+    gate = xray_gate(model, tmp_path)
     gate.save(ood.gate_path(path))
     black, photo, good = tmp_path / "black.png", tmp_path / "photo.jpg", tmp_path / "good.png"
     Image.fromarray(np.zeros((512, 512), np.uint8)).save(black)
@@ -162,6 +156,20 @@ def predict_features(features, x: np.ndarray) -> np.ndarray:
     from cxr.serving.inference import forward_arrays
 
     return forward_arrays(features, x)
+
+
+def xray_gate(model, folder: Path):
+    """A gate (threshold 0.5) for `model` fitted on 60 synthetic X-rays, thresholded on 40 more,
+    each through the cache's PNG round trip."""
+    from cxr.evaluation import gate as ood
+
+    features = ood.penultimate(model)
+    train_x = np.stack([cached(xray(i), folder) for i in range(60)])
+    val_x = np.stack([cached(xray(i), folder) for i in range(60, 100)])
+    val_p = predict_arrays(model, val_x)
+    feats = [ood.flatten(predict_features(features, x)) for x in (train_x, val_x)]
+    checks = ood.Checks(min_std=6.0, max_colourfulness=12.0, max_aspect=2.5)
+    return ood.fit_gate(feats[0], train_x, feats[1], val_x, val_p, 0.5, 0.99, 0.9, checks)
 
 
 def test_bad_files_are_reported_and_the_rest_predicted(project, images, tmp_path, capsys, monkeypatch):

@@ -27,7 +27,7 @@ from cxr.serving.cli import TABLE, cli
 from cxr.serving.inference import Prediction, load_model, predict_arrays
 from cxr.serving.present import CAPTIONS, FIELDS, NOT_MEANINGFUL, answer, ood_level
 from cxr.serving.serve import Service, create_app
-from test_cli import cached, predict_features
+from test_cli import cached, xray_gate
 from test_inference import probe_model, save_model, sidecar, xray
 from testkit.pipeline import ROOT
 from testkit.serveapp import chromium_paths, headless_chromium, post_file, running, upload_in_page
@@ -117,13 +117,7 @@ def gated(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("gated")
     model = probe_model(seed=2)
     path = save_model(model, tmp / "models" / "gated.keras", sidecar(threshold=0.5, variant="gated"))
-    features = ood.penultimate(model)
-    train_x = np.stack([cached(xray(i), tmp) for i in range(60)])
-    val_x = np.stack([cached(xray(i), tmp) for i in range(60, 100)])
-    val_p = predict_arrays(model, val_x)
-    feats = [ood.flatten(predict_features(features, x)) for x in (train_x, val_x)]
-    checks = ood.Checks(min_std=6.0, max_colourfulness=12.0, max_aspect=2.5)
-    gate = ood.fit_gate(feats[0], train_x, feats[1], val_x, val_p, 0.5, 0.99, 0.9, checks)
+    gate = xray_gate(model, tmp)
     p_x, p_r = predict_arrays(model, np.stack([cached(xray(s, (300, 240)), tmp) for s in (200, 205)]))
     half = abs(float(p_r) - float(p_x)) / 2
     assert half > 1e-3  # far from float noise
