@@ -3,9 +3,10 @@
     work, first_repro = build_tiny_pipeline(tmp_folder)   # tests/conftest.py (tiny_pipeline), bench/bench_repro.py
     sh(work, DVC, "status")                               # CommandError if it exits non-zero
 
-`build_tiny_pipeline` copies this checkout's pipeline (dvc.yaml, cxr/, stages/, params.yaml shrunk by
+`build_tiny_pipeline` copies this checkout's pipeline (PIPELINE_FILES, cxr/, stages/, params.yaml shrunk by
 `tiny_params`) into a new git+DVC repository, points it at a synthetic archive (testkit.synth)
-and runs `dvc repro` once, so it needs the source checkout, not just the installed package.
+and runs `dvc repro --all-pipelines` once (both pipeline files), so it needs the source checkout,
+not just the installed package.
 """
 
 from __future__ import annotations
@@ -18,6 +19,37 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the project checkout this folder sits in
 DVC = str(Path(sys.executable).with_name("dvc"))
+# The default pipeline, then the opt-in one (its stages run in the project root: wdir ..).
+PIPELINE_FILES = ("dvc.yaml", "screened/dvc.yaml")
+
+
+def stage_name(file: str, name: str) -> str:
+    """How DVC names a stage: plain in the root dvc.yaml, `<file>:<name>` in another one."""
+    return name if file == PIPELINE_FILES[0] else f"{file}:{name}"
+
+
+def pipeline_stages(root: Path = ROOT) -> dict[str, dict]:
+    """Every stage of both pipeline files as written (foreach templates unexpanded), by DVC's name."""
+    import yaml
+
+    return {
+        stage_name(file, name): stage
+        for file in PIPELINE_FILES
+        for name, stage in yaml.safe_load((root / file).read_text())["stages"].items()
+    }
+
+
+def lock_stages(root: Path) -> dict[str, dict]:
+    """Every stage recorded in the dvc.lock beside each pipeline file (foreach expanded), by DVC's name."""
+    import yaml
+
+    found = {}
+    for file in PIPELINE_FILES:
+        lock = root / Path(file).with_suffix(".lock")
+        if lock.is_file():
+            for name, entry in yaml.safe_load(lock.read_text())["stages"].items():
+                found[stage_name(file, name)] = entry
+    return found
 
 
 class CommandError(RuntimeError):
@@ -101,7 +133,8 @@ def build_tiny_pipeline(folder: Path) -> tuple[Path, subprocess.CompletedProcess
     sh(ROOT, sys.executable, "-m", "testkit.backbone", str(weights), str(alpha), str(TINY_SIZE))
     work = folder / "origin"
     work.mkdir()
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in (*PIPELINE_FILES, ".gitignore"):
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, work / name)
     for sub in ("cxr", "stages"):
         shutil.copytree(ROOT / sub, work / sub, ignore=shutil.ignore_patterns("__pycache__"))
@@ -111,8 +144,11 @@ def build_tiny_pipeline(folder: Path) -> tuple[Path, subprocess.CompletedProcess
     sh(work, DVC, "config", "core.analytics", "false")
     sh(work, "git", "add", "-A")
     sh(work, "git", "commit", "-qm", "tiny project")
-    # ~30 stages, most of them importing TensorFlow: minutes on a quiet 2-core machine, more under load
-    first = sh(work, DVC, "repro", timeout=2400, env={"CXR_PARAMS_TRACE": str(folder / "params_trace.tsv")})
+    # ~40 stages of both pipelines, most of them importing TensorFlow: minutes on a quiet 2-core
+    # machine, more under load
+    first = sh(
+        work, DVC, "repro", "--all-pipelines", timeout=2400, env={"CXR_PARAMS_TRACE": str(folder / "params_trace.tsv")}
+    )
     sh(work, "git", "add", "-A")
     sh(work, "git", "commit", "-qm", "first run")
     return work, first

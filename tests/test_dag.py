@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from testkit.pipeline import DVC, ROOT, sh
+from testkit.pipeline import DVC, ROOT, lock_stages, pipeline_stages, sh
 
 PACKAGE = "cxr"
 
@@ -79,9 +79,8 @@ def project_imports(script: Path, root: Path = ROOT) -> set[str]:
 
 
 def stage_bodies(root: Path = ROOT) -> dict[str, dict]:
-    """dvc.yaml's stages, `foreach` templates by their plain name."""
-    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    return {name: stage.get("do", stage) for name, stage in stages.items()}
+    """The stages of both pipeline files (dvc.yaml, screened/dvc.yaml), `foreach` templates by their name."""
+    return {name: stage.get("do", stage) for name, stage in pipeline_stages(root).items()}
 
 
 def script_of(body: dict) -> str:
@@ -157,8 +156,8 @@ def test_import_finder_sees_lazy_imports_and_skips_type_checking(tmp_path):
 
 
 def _stage_of_command(root: Path) -> dict[str, str]:
-    """'stages/train.py cnn_baseline' → 'train@cnn_baseline', from dvc.lock (foreach expanded)."""
-    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    """'stages/train.py cnn_baseline' → 'train@cnn_baseline', from the dvc.lock files (foreach expanded)."""
+    lock = lock_stages(root)
     return {" ".join(entry["cmd"].split()[1:]): name for name, entry in lock.items()}
 
 
@@ -166,7 +165,7 @@ def _stage_of_command(root: Path) -> dict[str, str]:
 def test_every_params_key_a_stage_reads_is_declared(tiny_pipeline):
     """Run with CXR_PARAMS_TRACE (see cxr.core.params), every stage recorded the keys it read."""
     work = tiny_pipeline.origin
-    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    lock = lock_stages(work)
     by_command = _stage_of_command(work)
     traced: dict[str, set[str]] = {}
     for line in tiny_pipeline.params_trace.read_text().splitlines():
@@ -182,7 +181,7 @@ def test_every_params_key_a_stage_reads_is_declared(tiny_pipeline):
 @pytest.mark.slow
 def test_editing_a_module_makes_dvc_status_name_every_stage_that_imports_it(tiny_pipeline, tmp_path):
     work = tiny_pipeline.clone(tmp_path / "clone")
-    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    lock = lock_stages(work)
     by_command = _stage_of_command(work)
     imports = {
         by_command[" ".join(entry["cmd"].split()[1:])]: project_imports(work / entry["cmd"].split()[1], work)

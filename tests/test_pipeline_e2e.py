@@ -20,7 +20,10 @@ from testkit.pipeline import DVC, sh
 pytestmark = pytest.mark.slow
 
 
-def ran(output: str) -> set[str]:
+def ran(output: str | object) -> set[str]:
+    """The stages a `dvc repro` ran, from its output (text, or the CompletedProcess of `sh`)."""
+    if not isinstance(output, str):
+        output = output.stdout + output.stderr
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
@@ -39,11 +42,16 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_pipeline):
     work = tiny_pipeline.origin
     params = yaml.safe_load((work / "params.yaml").read_text())
     variants, cv = list(params["variants"]), params["cv"]
+    default, screened = list(params["pipeline"]["default"]), list(params["pipeline"]["screened"])
+    per_variant = ("train", "evaluate", "ood", "export")
     expected = {"fetch", "split", "preprocess", "report", "site_curve"} | {
-        f"{s}@{v}" for s in ("train", "evaluate", "ood", "export") for v in variants
+        f"{s}@{v}" for s in per_variant for v in default
     }
-    expected |= {f"train_fold@{v}-{k}" for v in cv["variants"] for k in cv["folds"]}
-    expected |= {f"{s}@{v}" for s in ("ensemble", "evaluate_cv", "ood_cv", "export_cv") for v in cv["variants"]}
+    # the opt-in pipeline's stages, named by DVC after their file
+    opt_in = {f"{s}@{v}" for s in per_variant for v in screened} | {"report_all", "blend"}
+    opt_in |= {f"train_fold@{v}-{k}" for v in cv["variants"] for k in cv["folds"]}
+    opt_in |= {f"{s}@{v}" for s in ("ensemble", "evaluate_cv", "ood_cv", "export_cv") for v in cv["variants"]}
+    expected |= {f"screened/dvc.yaml:{name}" for name in opt_in}
     assert ran(tiny_pipeline.first_run) == expected
     for v in variants + [f"{v}_cv" for v in cv["variants"]]:
         export = json.loads((work / f"metrics/{v}_export.json").read_text())
@@ -61,10 +69,39 @@ def test_every_stage_runs_and_writes_its_outputs(tiny_pipeline):
         metrics = json.loads((work / f"metrics/{v}.json").read_text())
         assert 0 <= metrics["roc_auc"] <= 1 and metrics["n_test"] == 20
         assert (work / f"models/{v}.keras").exists()
+    # the default report compares the default pipeline's models; report_all every model, by the same rule
     summary = json.loads((work / "metrics/summary.json").read_text())
-    assert summary["best"] in set(summary["variants"]) and summary["select_by"] == params["report"]["select_by"]
-    assert set(summary["variants"]) == set(variants) | {f"{v}_cv" for v in cv["variants"]}
-    assert (work / "plots/report.html").exists()
+    assert summary["best"] in set(default) and summary["select_by"] == params["report"]["select_by"]
+    assert set(summary["variants"]) == set(default)
+    every = json.loads((work / "metrics/all/summary.json").read_text())
+    assert set(every["variants"]) == set(variants) | {f"{v}_cv" for v in cv["variants"]}
+    assert every["select_by"] == summary["select_by"] and every["best"] in every["variants"]
+    assert (work / "plots/report.html").exists() and (work / "plots/all/report.html").exists()
+    # the blend: its members' figures, recomputed from their own caches, are the ones train wrote
+    blend = json.loads((work / "metrics/blend.json").read_text())
+    assert blend["members"] == params["blend"]["members"] and blend["n_test"] == 20
+    for name, figures in blend["member_figures"].items():
+        stress = json.loads((work / f"metrics/{name}_stress.json").read_text())
+        assert figures["stress_roc_auc"] == pytest.approx(stress["mean"]["roc_auc"], abs=1e-6), name
+    assert blend["selection"]["picked"] in ("blend", params["report"]["incumbent"])
+    assert blend["selection"]["scores"]["blend"] == pytest.approx(blend["stress"]["mean"]["roc_auc"])
+
+
+def test_the_default_pipeline_alone_builds_the_headline_from_nothing(tiny_pipeline, tmp_path):
+    """`make repro` on a fresh clone (no DVC cache, no outputs): only the default pipeline's stages run,
+    and they give the headline model the full run gave."""
+    work = tiny_pipeline.clone(tmp_path / "clone", checkout=False)
+    done = sh(work, DVC, "repro", "--no-run-cache", timeout=2400)
+    stages = ran(done)
+    assert stages and not any(s.startswith("screened/") for s in stages), stages
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert {s.partition("@")[2] for s in stages if s.startswith("train@")} == set(params["pipeline"]["default"])
+    fresh, full = (json.loads((w / "metrics/summary.json").read_text()) for w in (work, tiny_pipeline.origin))
+    assert fresh["best"] == full["best"]
+    for name, row in full["variants"].items():  # all but the wall-clock training time
+        assert {k: v for k, v in fresh["variants"][name].items() if k != "train_seconds"} == {
+            k: v for k, v in row.items() if k != "train_seconds"
+        }, name
 
 
 def test_noop_repro_reruns_nothing(tiny_pipeline, tmp_path):

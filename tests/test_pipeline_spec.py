@@ -1,8 +1,12 @@
-"""dvc.yaml and params.yaml agree: the lists dvc.yaml must spell out cover every variant."""
+"""dvc.yaml, screened/dvc.yaml and params.yaml agree: the lists the pipeline files must spell out
+cover every variant, and the default pipeline stands on its own."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
+
+from testkit.pipeline import pipeline_stages
 
 
 def load(root, name):
@@ -18,30 +22,70 @@ def test_preprocess_depends_on_every_variant_size(project_root):
         )
 
 
-def test_report_depends_on_every_model(project_root):
-    """Every variant's and every k-fold ensemble's results (ensembles have no training curves)."""
-    params = load(project_root, "params.yaml")
-    deps = load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
-    models = [(name, True) for name in params["variants"]] + [
-        (f"{v}_cv", False) for v in params.get("cv", {}).get("variants", [])
+def report_files(name: str, has_curves: bool) -> list[str]:
+    """What a report reads of one model: its results as train, evaluate and ood wrote them."""
+    files = [f"metrics/{name}.json", f"metrics/{name}_stress.json", f"models/{name}.json", f"models/{name}.keras"]
+    # its out-of-distribution gate's figures (stage ood@<v>, ood_cv@<v>) and a variant's training curves
+    files += [
+        f"plots/{name}/roc.csv",
+        f"plots/{name}/predictions.csv",
+        f"metrics/{name}_ood.json",
+        f"plots/{name}/risk_coverage.csv",
     ]
-    for name, has_curves in models:
-        files = [f"metrics/{name}.json", f"metrics/{name}_stress.json", f"models/{name}.json", f"models/{name}.keras"]
-        # its out-of-distribution gate's figures (stage ood@<v>, ood_cv@<v>) and a variant's training curves
-        files += [
-            f"plots/{name}/roc.csv",
-            f"plots/{name}/predictions.csv",
-            f"metrics/{name}_ood.json",
-            f"plots/{name}/risk_coverage.csv",
-        ]
-        files += [f"dvclive/{name}/plots/metrics"] if has_curves else []
-        for path in files:
-            assert path in deps, f"add {path} to the report stage's deps in dvc.yaml"
+    return files + ([f"dvclive/{name}/plots/metrics"] if has_curves else [])
+
+
+def test_the_pipelines_split_the_variants(project_root):
+    """Every variant is built by exactly one pipeline, and the headline candidate by the default one."""
+    params = load(project_root, "params.yaml")
+    default, screened = (list(params["pipeline"][k]) for k in ("default", "screened"))
+    assert sorted(default + screened) == sorted(params["variants"]), "list each variant once under pipeline:"
+    assert params["report"]["incumbent"] in default
+    for name in default + screened:
+        kind = "default" if name in default else "screened"
+        # aliases of the variants' entries (YAML anchors): one edit changes both
+        assert params["pipeline"][kind][name] == params["variants"][name], name
+
+
+@pytest.mark.parametrize(
+    "stage, models",
+    [
+        ("report", lambda p: [(n, True) for n in p["pipeline"]["default"]]),
+        (
+            "screened/dvc.yaml:report_all",
+            lambda p: [(n, True) for n in p["variants"]] + [(f"{v}_cv", False) for v in p["cv"]["variants"]],
+        ),
+    ],
+)
+def test_report_depends_on_every_model_it_compares(project_root, stage, models):
+    """The default report: the default pipeline's models; report_all: every variant and k-fold
+    ensemble (ensembles have no training curves)."""
+    deps = pipeline_stages(project_root)[stage]["deps"]
+    for name, has_curves in models(load(project_root, "params.yaml")):
+        for path in report_files(name, has_curves):
+            assert path in deps, f"add {path} to the {stage} stage's deps"
+
+
+def test_the_default_pipeline_reads_nothing_the_screened_one_writes(project_root):
+    """`make repro` must not need the opt-in pipeline: no default stage depends on a screened output."""
+    stages = pipeline_stages(project_root)
+    params = load(project_root, "params.yaml")
+    screened_names = list(params["pipeline"]["screened"]) + [f"{v}_cv" for v in params["cv"]["variants"]]
+    for name, stage in stages.items():
+        if ":" in name:
+            continue
+        deps = " ".join(str(d) for d in stage.get("do", stage)["deps"])
+        for model in screened_names:
+            assert f"/{model}." not in deps and f"/{model}/" not in deps, f"default stage {name} reads {model}'s files"
+    default_report = stages["report"]
+    assert not any("/all/" in str(d) for d in default_report["deps"])
 
 
 def test_report_depends_on_its_page_template(project_root):
     """The one non-Python file the report loads (its imports are checked in tests/test_dag.py)."""
-    assert "cxr/evaluation/templates/report.html.j2" in load(project_root, "dvc.yaml")["stages"]["report"]["deps"]
+    stages = pipeline_stages(project_root)
+    for name in ("report", "screened/dvc.yaml:report_all"):
+        assert "cxr/evaluation/templates/report.html.j2" in stages[name]["deps"], name
 
 
 def test_every_variant_names_existing_files_and_sections(project_root):
@@ -55,9 +99,21 @@ def test_every_variant_names_existing_files_and_sections(project_root):
 
 
 def test_stage_scripts_exist(project_root):
-    stages = load(project_root, "dvc.yaml")["stages"]
-    for name, stage in stages.items():
+    for name, stage in pipeline_stages(project_root).items():
         body = stage.get("do", stage)
         script = body["cmd"].split()[1]
         assert (project_root / script).exists(), f"stage {name}: {script} is missing"
         assert script in body["deps"], f"stage {name} must list its own script as a dependency"
+
+
+def test_blend_depends_on_its_members_and_the_incumbent_s_validation_figures(project_root):
+    params = load(project_root, "params.yaml")
+    deps = pipeline_stages(project_root)["screened/dvc.yaml:blend"]["deps"]
+    members, incumbent = params["blend"]["members"], params["report"]["incumbent"]
+    assert len(members) >= 2 and all(m in params["variants"] for m in members)
+    for path in [f"models/{m}.{ext}" for m in members for ext in ("keras", "json")] + [
+        f"models/{incumbent}.json",
+        f"metrics/{incumbent}_stress.json",
+        "data/processed",
+    ]:
+        assert path in deps, f"add {path} to the blend stage's deps"

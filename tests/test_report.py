@@ -7,6 +7,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,10 +119,16 @@ def test_select_by_stress_uses_the_stress_figures_not_test():
 
 def test_pick_best_ties_and_missing():
     assert report.pick_best({"b": 0.9, "a": 0.9, "c": 0.5}) == "a"
-    # an incumbent is kept unless beaten by more than the margin
-    assert report.pick_best({"new": 0.9975, "old": 0.9974}, incumbent="old", margin=0.003) == "old"
-    assert report.pick_best({"new": 0.9975, "old": 0.9940}, incumbent="old", margin=0.003) == "new"
-    assert report.pick_best({"new": 0.9975, "old": None}, incumbent="old", margin=0.003) == "new"
+    # an incumbent is kept unless the best cuts its error (1 - figure) by more than the margin's share
+    assert report.pick_best({"new": 0.9975, "old": 0.9974}, incumbent="old", margin=0.5) == "old"
+    assert report.pick_best({"new": 0.9985, "old": 0.9974}, incumbent="old", margin=0.5) == "old"  # cuts 42%
+    assert report.pick_best({"new": 0.9975, "old": None}, incumbent="old", margin=0.5) == "new"
+    # the same share is the same hurdle near 0.9 as near 0.999, where an additive 0.003 could not be passed
+    assert report.pick_best({"new": 0.96, "old": 0.90}, incumbent="old", margin=0.5) == "new"
+    assert report.pick_best({"new": 0.94, "old": 0.90}, incumbent="old", margin=0.5) == "old"
+    assert report.pick_best({"new": 0.9990, "old": 0.9974}, incumbent="old", margin=0.5) == "new"
+    assert report.pick_best({"new": 0.9990, "old": 0.9974}, incumbent="old", margin=0.7) == "old"
+    assert report.pick_best({"new": 0.9999, "old": 1.0}, incumbent="old", margin=0.0) == "old"
     assert report.pick_best({"b": 0.9, "a": None}) == "b"
     with pytest.raises(CxrError, match="validation figure report.select_by ranks by"):
         report.pick_best({"a": None})
@@ -521,3 +528,29 @@ def test_model_card_names_each_backbone_s_pretrained_weights():
         "licence": lite["licence"],
     }
     assert "Apache-2.0" in rows[1]["licence"] and len(rows[1]["sha256"]) == 64
+
+
+def test_default_report_compares_the_default_pipeline_and_all_compares_every_model(project, tmp_path, monkeypatch):
+    """params.yaml `pipeline.default` names what the default report compares (and may pick); `report.py
+    all` compares every variant, by the same rule, into metrics/all and plots/all."""
+    work = tmp_path / "split"
+    shutil.copytree(project, work)
+    assert run_stage(work, str(ROOT / "stages" / "evaluate.py"), "alpha").returncode == 0
+    assert run_stage(work, str(ROOT / "stages" / "evaluate.py"), "beta").returncode == 0
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["pipeline"] = {"default": {"alpha": params["variants"]["alpha"]}, "screened": {"beta": {}}}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    assert run_in_process(work, monkeypatch, str(ROOT / "stages" / "report.py")) == 0
+    default = json.loads((work / "metrics" / "summary.json").read_text())
+    assert set(default["variants"]) == {"alpha"} and default["best"] == "alpha"  # beta is not a candidate here
+    assert run_in_process(work, monkeypatch, str(ROOT / "stages" / "report.py"), "all") == 0
+    every = json.loads((work / "metrics" / "all" / "summary.json").read_text())
+    assert set(every["variants"]) == {"alpha", "beta"} and every["best"] == "beta"
+    assert (work / "plots" / "all" / "report.html").is_file() and (work / "plots" / "all" / "figures").is_dir()
+    assert json.loads((work / "metrics" / "summary.json").read_text()) == default  # untouched by `all`
+    for bad, says in (("screened", "unknown report 'screened'"), (None, "pipeline.default names no variant")):
+        if bad is None:
+            params["pipeline"]["default"] = {}
+            (work / "params.yaml").write_text(yaml.safe_dump(params))
+        done = run_stage(work, str(ROOT / "stages" / "report.py"), *([bad] if bad else []))
+        assert done.returncode == 1 and says in done.stderr and done.stderr.count("\n") == 1, done.stderr

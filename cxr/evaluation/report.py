@@ -1,13 +1,16 @@
-"""The comparison of all variants: read what train and evaluate wrote, pick the best, build the page.
+"""The comparison of the variants: read what train and evaluate wrote, pick the best, build the page.
 
     python stages/report.py       # (dvc repro report) → metrics/summary.json, plots/report.html, plots/figures/
+    python stages/report.py all   # every model of both pipelines → metrics/all/summary.json, plots/all/...
 
 Nothing is re-evaluated here: metrics, ROC points and confusion counts come from evaluate's files
 (metrics/<v>.json, plots/<v>/roc.csv, plots/<v>/predictions.csv). cxr.evaluation.figures draws the figures;
 templates/report.html.j2 is the page (Jinja2 with autoescape, so every value shown is escaped).
 
-The best variant is the one with the highest *validation* ROC AUC (ties: the first name in
-alphabetical order). Test metrics are reported for every variant but never used to choose.
+The best variant is the one with the highest *validation* figure `report.select_by` (ties: the
+first name in alphabetical order), kept from `report.incumbent` unless it cuts the incumbent's
+error by more than `report.select_margin` (pick_best). Test metrics are reported for every variant
+but never used to choose.
 """
 
 from __future__ import annotations
@@ -159,7 +162,13 @@ def read_training_curves(folder: Path) -> dict[str, pd.DataFrame]:
 
 def pick_best(scores: dict[str, float | None], incumbent: str | None = None, margin: float = 0.0) -> str:
     """The variant with the highest validation score (ties: the alphabetically first name), unless
-    `incumbent` has a score and the best beats it by `margin` or less: then the incumbent."""
+    `incumbent` has a score and the best does not cut the incumbent's error by more than `margin`:
+    then the incumbent.
+
+    The scores are proportions near 1 (AUCs, specificities), so the margin is on the error 1 − score,
+    as a fraction of the incumbent's: the best replaces it only when (1 − best) < (1 − incumbent) ×
+    (1 − margin). On that scale a seed's spread is about the same at 0.990 as at 0.999, where an
+    additive margin would ask the impossible of a near-perfect incumbent (0.003 above 0.9974)."""
     known = {name: score for name, score in scores.items() if score is not None}
     if not known:
         raise CxrError(
@@ -167,7 +176,7 @@ def pick_best(scores: dict[str, float | None], incumbent: str | None = None, mar
             "(models/<v>.json, metrics/<v>_stress.json); rerun `dvc repro train`"
         )
     best = min(known, key=lambda name: (-known[name], name))
-    if incumbent in known and known[best] - known[incumbent] <= margin:
+    if incumbent in known and (1 - known[best]) >= (1 - known[incumbent]) * (1 - margin):
         return incumbent
     return best
 
@@ -199,7 +208,12 @@ def build_summary(
     rule = (
         {"select_by": select_by}
         if incumbent is None
-        else {"select_by": select_by, "incumbent": incumbent, "select_margin": margin}
+        else {
+            "select_by": select_by,
+            "incumbent": incumbent,
+            "select_margin": margin,
+            "select_margin_scale": "the share of the incumbent's error 1 - select_by a challenger must cut",
+        }
     )
     return {"best": best, "selected_by": SELECTED_BY[select_by], **rule, "variants": variants}
 
