@@ -43,8 +43,25 @@ def test_the_pipelines_split_the_variants(project_root):
     assert params["report"]["incumbent"] in default
     for name in default + screened:
         kind = "default" if name in default else "screened"
-        # aliases of the variants' entries (YAML anchors): one edit changes both
-        assert params["pipeline"][kind][name] == params["variants"][name], name
+        # one definition (a YAML anchor under pipeline, its alias under variants): one edit changes both
+        assert params["pipeline"][kind][name] is params["variants"][name], f"variants.{name}: use the alias *{name}"
+
+
+def test_dvc_exp_run_set_param_on_a_variant_changes_both_views(project_root, tmp_path):
+    """`dvc exp run -S variants.<v>.<key>=...` goes through DVC's apply_overrides, which writes every
+    key of the file back in order: the alias under `variants` must come after its anchor, or the
+    pipeline's copy would silently undo the change."""
+    from dvc.utils.hydra import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text((project_root / "params.yaml").read_text())
+    apply_overrides(path, ["variants.modern.epochs=9", "variants.lite0_probe.batch_size=7"])
+    params = load(tmp_path, "params.yaml")
+    assert params["variants"]["modern"]["epochs"] == params["pipeline"]["default"]["modern"]["epochs"] == 9
+    assert params["pipeline"]["screened"]["lite0_probe"]["batch_size"] == 7
+    before = load(project_root, "params.yaml")
+    before["variants"]["modern"]["epochs"], before["variants"]["lite0_probe"]["batch_size"] = 9, 7
+    assert params == before  # nothing else moved
 
 
 @pytest.mark.parametrize(
