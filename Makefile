@@ -33,7 +33,7 @@ lint: $(STAMP)
 
 # The default pipeline (dvc.yaml: the seed's six variants and the headline model, ~30 min on 2 cores);
 # repro-screened adds screened/dvc.yaml (the screened variants, the k-fold ensemble and the report
-# over every model, ~80 min more), running what it needs of the default one first.
+# over every model, ~90 min more), running what it needs of the default one first.
 # SOURCE=... goes through `dvc exp run -S fetch.source=...`: params.yaml gets the new source,
 # dvc.lock records it, and the run is kept as a DVC experiment you can compare or drop.
 DVC_RUN = PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc $(if $(strip $(SOURCE)),exp run -S 'fetch.source="$(SOURCE)"',repro)
