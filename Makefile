@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The default pipeline (dvc.yaml: the seed's six variants and the headline model, ~30 min on 2 cores);
+# The default pipeline (dvc.yaml: the seed's six variants and the headline model, ~23 min on 2 cores);
 # repro-screened adds screened/dvc.yaml (the screened variants, the k-fold ensemble and the report
 # over every model, ~90 min more), running what it needs of the default one first.
 # SOURCE=... goes through `dvc exp run -S fetch.source=...`: params.yaml gets the new source,
