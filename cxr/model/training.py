@@ -31,6 +31,7 @@ from cxr.evaluation.metrics import binary_metrics, choose_threshold
 from cxr.evaluation.stress import stress_probabilities
 from cxr.model.architectures import backbone_features, build_model, compose, feature_head, linear_head, pooled_features
 from cxr.model.distribute import configure_precision, get_strategy, global_batch_size, shard_by_data
+from cxr.model.efficientnet_lite import starting_weights
 from cxr.model.forward import forward_arrays, predict_arrays
 from cxr.model.robust import reestimate_batchnorm, tta_model
 from cxr.model.sidecar import Sidecar, ValSummary
@@ -427,8 +428,11 @@ def sidecar(
 ) -> Sidecar:
     """models/<v>.json for a trained variant: its params, and the backbone it really used."""
     variant_params = {k: v for k, v in asdict(variant).items() if k not in ("name", "extra")} | dict(variant.extra)
+    weights: dict[str, str] = {}
     if variant.model in BACKBONE_MODELS:
-        variant_params["transfer"] = asdict(variant.backbone(params.transfer))
+        backbone = variant.backbone(params.transfer)
+        variant_params["transfer"] = asdict(backbone)
+        weights = starting_weights(backbone.backbone, backbone.weights)
     return Sidecar(
         variant=variant.name,
         model=variant.model,
@@ -441,6 +445,7 @@ def sidecar(
         train_seconds=round(seconds, 2),
         seed=params.seed,
         params=variant_params,
+        weights=weights,
     )
 
 

@@ -41,6 +41,7 @@ SIDECAR_KEYS = [
     "train_seconds",
     "seed",
     "params",
+    "weights",
 ]
 
 
@@ -102,6 +103,8 @@ def test_sidecar_matches_the_saved_model_and_dvclive_files(params, splits, tmp_p
     )
     assert meta["resize"] == params.preprocess.resize and meta["seed"] == params.seed
     assert meta["params"]["transfer"]["backbone"] == "mobilenet_v2" and meta["params"]["epochs"] == 2
+    # the fixture's backbone starts from random weights: no ImageNet provenance to record
+    assert meta["params"]["transfer"]["weights"] != "imagenet" and meta["weights"] == {}
     assert 1 <= meta["epochs_run"] <= 2 and meta["epochs_run"] == len(result.history["loss"])
     # The composed model (backbone + head) reproduces the validation figures the head gave.
     val = splits[1]
