@@ -1,6 +1,6 @@
 """Inference speed, Keras vs the LiteRT export: batch throughput, single-image latency, cold start.
 
-    .venv/bin/python bench/bench_predict.py [MODEL.keras] [--images N] [--profile]
+    .venv/bin/python bench/bench_predict.py [MODEL.keras] [--images N] [--profile] [--steps]
 
 Without MODEL it uses models/<best>.keras named in metrics/summary.json; if there is none it
 builds an untrained MobileNetV2 (alpha 0.35, 224 px, weights=None) stand-in and says so.
@@ -85,6 +85,45 @@ def profile_top(fn: Any, n: int = 12) -> str:
     return buf.getvalue()
 
 
+def step_times(loaded: Any, files: list[Path], batch_size: int) -> dict[str, float]:
+    """Milliseconds per image of each step of the file batch: decoding, the model and the OOD gate,
+    each alone, then the model and the gate timed inside `predict_files` (where the next batch
+    decodes in worker threads beside them) and the rest of its wall time (waiting for decoding)."""
+    from unittest import mock
+
+    from cxr.serving.inference import LoadedModel
+
+    n = len(files)
+    decode_s, (x, facts, _) = timed(lambda: load_images(files, loaded.image_size, loaded.resize))
+    model_s, (_, feats) = timed(lambda: loaded.outputs(x, batch_size))
+    gate_s = timed(lambda: loaded.gate.reasons(feats, x, facts))[0] if loaded.gate is not None else 0.0
+    spent = {"model": 0.0, "gate": 0.0}
+
+    def timing(key: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            seconds, out = timed(lambda: fn(*a, **kw))
+            spent[key] += seconds
+            return out
+
+        return wrapper
+
+    with (
+        mock.patch.object(LoadedModel, "outputs", timing("model", LoadedModel.outputs)),
+        mock.patch.object(ood.Gate, "reasons", timing("gate", ood.Gate.reasons)),
+    ):
+        total_s = timed(lambda: predict_files(files, loaded, batch_size))[0]
+    ms = lambda seconds: round(1000 * seconds / n, 2)  # noqa: E731
+    return {
+        "decode_alone": ms(decode_s),
+        "model_alone": ms(model_s),
+        "gate_alone": ms(gate_s),
+        "batch_total": ms(total_s),
+        "batch_model": ms(spent["model"]),
+        "batch_gate": ms(spent["gate"]),
+        "batch_rest": ms(total_s - spent["model"] - spent["gate"]),
+    }
+
+
 def exported_copy(model_path: Path, folder: Path) -> Path:
     """`model_path` itself when export@<v> wrote its .tflite, else a copy (with sidecar and gate) exported
     into `folder`."""
@@ -149,6 +188,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30, help="single-image runs (median)")
     parser.add_argument("--cold-runs", type=int, default=3, help="`cxr predict` runs (median)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the file batch run")
+    parser.add_argument("--steps", action="store_true", help="time each step of the batch run, alone and inside it")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_predict_")
@@ -164,6 +204,11 @@ def main() -> int:
         "keras": measure(model_path, "keras", files, args),
         "litert": measure(lite_path, "litert", files, args),
     }
+    if args.steps:
+        for name, path in (("keras", model_path), ("litert", lite_path)):
+            loaded = load_model(path, runtime=name)
+            predict_files(files[:2], loaded, args.batch_size)  # warm
+            by_runtime[name]["steps_ms_per_image"] = step_times(loaded, files, args.batch_size)
     lite = by_runtime["litert"]
     size = load_model(model_path, with_gate=False, runtime="litert" if lite_path == model_path else "keras").image_size
     results = {
@@ -216,6 +261,10 @@ def main() -> int:
     ]
     for name, key, goal in shown:
         print(f"{name:<44}  {by_runtime['keras'][key]:>10}  {lite[key]:>10}  {goal}")
+    if args.steps:
+        print("ms per image; decode / model / gate alone, then the batch run: total = model + gate + rest (waiting)")
+        for name in by_runtime:
+            print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in by_runtime[name]["steps_ms_per_image"].items()))
     path = write_result("predict", results)
     print(f"wrote {path.relative_to(ROOT)}")
     if args.profile:
